@@ -1,0 +1,128 @@
+"""AsyncClient: the asyncio producer API (redis.asyncio), the same calls as Client, awaited.
+
+Shares job building and decoding with api_client.client, so both speak exactly one protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from api_client.client import (
+    CANCEL_TTL_S,
+    DEFAULT_REDIS_URL,
+    DEFAULT_SOCKET_TIMEOUT_S,
+    READ_COUNT,
+    RECONNECT_TIMEOUT_S,
+    EventT,
+    _Deadline,
+    as_str,
+    build_job,
+    completion_from_event,
+    event_from_fields,
+    reconnect_delay_s,
+    stream_entries,
+    with_id,
+)
+from api_client.keys import JOB_FIELD, Keys
+from api_client.schema import Completion, Job, Message
+
+logger = logging.getLogger(__name__)
+_RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+class AsyncClient:
+    """Asyncio producer client. `AsyncClient(redis_url)` owns its connection; `AsyncClient(redis=r)` borrows r."""
+
+    def __init__(self, redis_url: str = DEFAULT_REDIS_URL, prefix: str = "tokenrelay", *,
+                 redis: aioredis.Redis | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+                 **redis_kwargs: Any) -> None:
+        self.keys = Keys(prefix)
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self._owns_redis = redis is None
+        if redis is None:
+            redis_kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT_S)
+            redis_kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT_S)
+            redis = aioredis.Redis.from_url(redis_url, **redis_kwargs)
+        self.redis = redis
+
+    async def submit(self, prompt: str | None = None, *,
+                     messages: Sequence[Mapping[str, Any] | Message] | None = None,
+                     prompt_token_ids: Sequence[int] | None = None, job_id: str | None = None,
+                     priority: int = 0, deadline_ms: int | None = None, result_ttl_s: int | None = None,
+                     **params: Any) -> str:
+        """Validate and enqueue one job; returns its id. Extra keyword arguments are sampling params."""
+        job = build_job(prompt, messages=messages, prompt_token_ids=prompt_token_ids, job_id=job_id,
+                        priority=priority, deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, params=params)
+        return await self.submit_job(job)
+
+    async def submit_job(self, job: Job) -> str:
+        """Enqueue an already built Job (an id is made if it has none); returns its id."""
+        job = with_id(job)
+        assert job.id is not None
+        await self.redis.xadd(self.keys.jobs, {JOB_FIELD: job.to_json()})
+        return job.id
+
+    async def stream(self, job_id: str, timeout: float | None = None) -> AsyncIterator[EventT]:
+        """Yield the job's events in order, ending after its done/error event; resumes after the last
+        entry seen across dropped connections and Redis restarts. TimeoutError past `timeout` seconds."""
+        key, last_id, deadline = self.keys.result(job_id), "0-0", _Deadline(timeout)
+        down_since: float | None = None
+        while True:
+            block_ms = deadline.block_ms(job_id)
+            try:
+                reply: Any = await self.redis.xread({key: last_id}, count=READ_COUNT, block=block_ms)
+            except _RETRYABLE as exc:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    logger.warning("job=%s redis connection lost (%s); reconnecting", job_id, exc)
+                await self._wait_reconnect(exc, down_since, deadline)
+                continue
+            down_since = None
+            for entry_id, fields in stream_entries(reply):
+                last_id = entry_id
+                event = event_from_fields(fields)
+                yield event
+                if event.is_final:
+                    return
+
+    async def poll(self, job_id: str, after: str = "0-0") -> tuple[list[EventT], str]:
+        """Events after cursor `after` (exclusive) without blocking, and the cursor to pass next."""
+        entries: Any = await self.redis.xrange(self.keys.result(job_id), min=f"({after}", max="+")
+        events = [event_from_fields(fields) for _id, fields in entries]
+        return events, as_str(entries[-1][0]) if entries else after
+
+    async def result(self, job_id: str, timeout: float | None = None) -> Completion:
+        """Wait for the job's final event: the Completion, or JobFailed on an error event."""
+        async for event in self.stream(job_id, timeout=timeout):
+            if event.is_final:
+                return completion_from_event(job_id, event)
+        raise AssertionError("stream() ended without a final event")
+
+    async def cancel(self, job_id: str, ttl_s: int = CANCEL_TTL_S) -> None:
+        await self.redis.set(self.keys.cancel(job_id), "1", ex=ttl_s)
+
+    async def close(self) -> None:
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def _wait_reconnect(self, exc: Exception, down_since: float, deadline: _Deadline) -> None:
+        waited = time.monotonic() - down_since
+        left = deadline.remaining()
+        if left is None and waited > self.reconnect_timeout_s:
+            raise redis.ConnectionError(
+                f"Redis unreachable for {waited:.0f} s (reconnect_timeout_s={self.reconnect_timeout_s}): {exc}")
+        await asyncio.sleep(min(reconnect_delay_s(waited), 1.0 if left is None else max(0.0, left)))

@@ -1,0 +1,76 @@
+"""Every Redis key name and stream field name of wire protocol v1, in one place.
+
+Producers, the worker and the tests build keys only through `Keys`, so a prefix change is one argument."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Stream entry fields.
+JOB_FIELD = "job"  # {p}:jobs entries, and {p}:dead entries (the raw job payload as received)
+EVENT_FIELD = "event"  # {p}:result:{id} entries: one JSON event
+# Extra fields of a {p}:dead entry (besides JOB_FIELD).
+JOB_ID_FIELD = "job_id"  # the job id when it could be read, else ""
+CODE_FIELD = "code"  # an error code of the protocol ("invalid_request", "internal", ...)
+REASON_FIELD = "reason"  # a short human-readable reason
+
+PROTOCOL_VERSION = 1
+DEFAULT_PREFIX = "tokenrelay"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix. Cheap to build; holds no connection."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c.isspace() or c in "*?[]" for c in self.prefix):
+            raise ValueError(
+                f"key prefix must be non-empty without whitespace or glob characters, got {self.prefix!r}"
+            )
+
+    @property
+    def jobs(self) -> str:
+        """Stream of jobs, field `job`."""
+        return f"{self.prefix}:jobs"
+
+    @property
+    def group(self) -> str:
+        """Consumer group on `jobs`, created at id 0 with MKSTREAM."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def dead(self) -> str:
+        """Stream of jobs that could not be served: fields job, job_id, code, reason."""
+        return f"{self.prefix}:dead"
+
+    def result(self, job_id: str) -> str:
+        """Stream of events for one job, field `event`; expires result_ttl_s after its last event."""
+        return f"{self.prefix}:result:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        """String key a client sets (with a TTL) to cancel a job; the worker checks it."""
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def job(self, job_id: str) -> str:
+        """Per-job state owned by the worker (e.g. a hash: owner consumer, stream entry id, tokens
+        published), so a worker taking a job over can tell what was already written."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def heartbeat(self, consumer: str) -> str:
+        """String key with a TTL that a live worker refreshes; `python -m worker --check` reads it."""
+        return f"{self.prefix}:worker:{consumer}"
+
+    @property
+    def heartbeat_pattern(self) -> str:
+        """SCAN/KEYS pattern matching every worker's heartbeat key."""
+        return f"{self.prefix}:worker:*"
+
+    def consumer_from_heartbeat(self, key: str | bytes) -> str:
+        """Inverse of `heartbeat`: the consumer name in a heartbeat key."""
+        text = key.decode() if isinstance(key, bytes) else key
+        head = f"{self.prefix}:worker:"
+        if not text.startswith(head):
+            raise ValueError(f"{text!r} is not a heartbeat key under prefix {self.prefix!r}")
+        return text[len(head):]

@@ -1,0 +1,238 @@
+"""Kernel benchmark: device copy bandwidth, then the decode attention kernel's achieved bandwidth
+(bytes of K/V it must read + q/out, over the median time) across batch, context, head_dim and GQA.
+
+Run on a GPU: `python -m bench.kernels [--quick]`; prints a table last, writes JSON to $OUT if set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import triton
+import triton.testing
+
+from kernels import DecodeConfig, decode_attention, prefill_attention
+from kernels.decode_attention import partition_plan
+
+BLOCK_SIZE = 16
+NUM_KV_HEADS = 8  # Qwen3-0.6B: 16 query heads over 8 KV heads, head_dim 128
+KEY_POINT = {"batch": 128, "context": 2048, "head_dim": 128, "group": 2}
+
+
+@dataclass
+class DecodeCase:
+    batch: int
+    context: int  # tokens of context per sequence (the maximum when ragged)
+    head_dim: int
+    group: int  # query heads per KV head
+    ragged: bool = False  # contexts uniform in [100, context], as in the throughput workload
+    config: DecodeConfig = field(default_factory=DecodeConfig)
+    num_partitions: int | None = None
+    label: str = ""
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    src = torch.randn(2**29, device=device)  # 2 GiB fp32
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def make_decode_inputs(case: DecodeCase, device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+    if case.ragged:
+        seq_lens = torch.randint(100, case.context + 1, (case.batch,), generator=gen)
+    else:
+        seq_lens = torch.full((case.batch,), case.context)
+    blocks_per_seq = (seq_lens + BLOCK_SIZE - 1) // BLOCK_SIZE
+    num_blocks = int(blocks_per_seq.sum())
+    max_blocks = int(blocks_per_seq.max())
+    # Shuffled pool: neighbouring blocks of a sequence are not neighbours in memory.
+    order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    block_tables = torch.zeros(case.batch, max_blocks, dtype=torch.int32)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), blocks_per_seq.cumsum(0)[:-1]])
+    for i in range(case.batch):
+        block_tables[i, : blocks_per_seq[i]] = order[starts[i] : starts[i] + blocks_per_seq[i]]
+    shape = (num_blocks, NUM_KV_HEADS, BLOCK_SIZE, case.head_dim)
+    num_heads = NUM_KV_HEADS * case.group
+    return {
+        "query": torch.randn(case.batch, num_heads, case.head_dim, device=device, dtype=torch.bfloat16),
+        "k_cache": torch.randn(shape, device=device, dtype=torch.bfloat16),
+        "v_cache": torch.randn(shape, device=device, dtype=torch.bfloat16),
+        "block_tables": block_tables.to(device),
+        "seq_lens": seq_lens.to(torch.int32).to(device),
+        "query_start_loc": torch.arange(case.batch + 1, dtype=torch.int32, device=device),
+        "scale": case.head_dim**-0.5,
+        "max_seq_len": int(seq_lens.max()),
+    }
+
+
+def bench_decode(case: DecodeCase, device: torch.device, copy_bw: float) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(case.batch * 7919 + case.context)
+    inputs = make_decode_inputs(case, device, gen)
+    out = torch.empty_like(inputs["query"])
+
+    def run() -> None:
+        decode_attention(**inputs, out=out, config=case.config, num_partitions=case.num_partitions)
+
+    # Eager timing includes the Python launcher whenever it outlasts the GPU work; the engine replays
+    # decode under CUDA graphs, so the graph replay is the kernel figure (and proves it captures).
+    eager_ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    # Bytes the kernel cannot avoid: each sequence's K and V once, q read, out written (bf16).
+    kv_bytes = int(inputs["seq_lens"].sum()) * NUM_KV_HEADS * case.head_dim * 2 * 2
+    io_bytes = 2 * inputs["query"].numel() * 2
+    bandwidth = (kv_bytes + io_bytes) / (ms * 1e-3)
+    num_partitions, _ = partition_plan(
+        case.batch, NUM_KV_HEADS, inputs["max_seq_len"], device, case.config, case.num_partitions
+    )
+    return {
+        **{k: v for k, v in asdict(case).items() if k != "config"},
+        "num_partitions": num_partitions,
+        "config": asdict(case.config),
+        "time_us": ms * 1e3,
+        "eager_time_us": eager_ms * 1e3,
+        "bytes": kv_bytes + io_bytes,
+        "bandwidth_tb_s": bandwidth / 1e12,
+        "fraction_of_copy": bandwidth / copy_bw,
+    }
+
+
+def bench_prefill(
+    device: torch.device, num_seqs: int, prompt_len: int, tile: tuple[int, int, int, int]
+) -> dict[str, Any]:
+    """One causal prefill of num_seqs fresh prompts (head_dim 128, 16 heads over 8 KV heads)."""
+    head_dim, group = 128, 2
+    num_blocks = num_seqs * prompt_len // BLOCK_SIZE
+    shape = (num_blocks, NUM_KV_HEADS, BLOCK_SIZE, head_dim)
+    k_cache = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    block_tables = torch.randperm(num_blocks, device=device).to(torch.int32).view(num_seqs, -1)
+    num_tokens = num_seqs * prompt_len
+    query = torch.randn(num_tokens, NUM_KV_HEADS * group, head_dim, device=device, dtype=torch.bfloat16)
+    seq_lens = torch.full((num_seqs,), prompt_len, dtype=torch.int32, device=device)
+    query_start_loc = torch.arange(0, num_tokens + 1, prompt_len, dtype=torch.int32, device=device)
+    rows_per_tile, block_n, num_warps, num_stages = tile
+    ms = triton.testing.do_bench(
+        lambda: prefill_attention(
+            query,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            head_dim**-0.5,
+            prompt_len,
+            rows_per_tile=rows_per_tile,
+            block_n=block_n,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        ),
+        warmup=25,
+        rep=100,
+        return_mode="median",
+    )
+    flops = num_seqs * 2 * 2 * (prompt_len * (prompt_len + 1) / 2) * head_dim * NUM_KV_HEADS * group
+    return {
+        "num_seqs": num_seqs,
+        "prompt_len": prompt_len,
+        "tile": tile,
+        "time_us": ms * 1e3,
+        "tflop_s": flops / (ms * 1e-3) / 1e12,
+    }
+
+
+def decode_cases(quick: bool) -> list[DecodeCase]:
+    key = DecodeCase(**KEY_POINT, label="key")  # type: ignore[arg-type]
+    cases = [key, DecodeCase(256, 2048, 128, 2, ragged=True, label="workload")]
+    if quick:
+        return cases
+    # Tile shapes and split factors at the key point: the tuning evidence.
+    for use_dot, block_n, num_warps, num_stages in [
+        (True, 32, 4, 2),
+        (True, 64, 4, 2),
+        (True, 64, 8, 2),
+        (True, 128, 4, 2),
+        (True, 128, 8, 2),
+        (True, 128, 8, 3),
+        (True, 64, 8, 3),
+        (True, 64, 4, 1),
+        (False, 16, 4, 2),
+        (False, 32, 4, 2),
+    ]:
+        config = DecodeConfig(block_n=block_n, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
+        cases.append(DecodeCase(**KEY_POINT, config=config, label="tune"))  # type: ignore[arg-type]
+    for parts in (1, 2, 4, 8):
+        cases.append(DecodeCase(**KEY_POINT, num_partitions=parts, label=f"split{parts}"))  # type: ignore[arg-type]
+    # Small batches live on the split: partition floor and grid target.
+    for batch, context in ((1, 8192), (8, 2048), (32, 512)):
+        for min_tokens, per_sm in ((128, 4), (512, 4), (256, 8), (256, 2)):
+            config = DecodeConfig(min_partition_tokens=min_tokens, programs_per_sm=per_sm)
+            cases.append(DecodeCase(batch, context, 128, 2, config=config, label=f"p{min_tokens}/{per_sm}"))
+    for batch in (1, 8, 32, 128, 256):
+        for context in (128, 512, 2048, 8192):
+            cases.append(DecodeCase(batch, context, 128, 2, label="sweep"))
+    for head_dim in (64, 128):
+        for group in (1, 4, 8):
+            cases.append(DecodeCase(64, 2048, head_dim, group, label="gqa"))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="copy bandwidth, key point and workload only")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    started = time.time()
+    copy_bw = copy_bandwidth(device)
+    results = []
+    for case in decode_cases(args.quick):
+        results.append(bench_decode(case, device, copy_bw))
+        torch.cuda.empty_cache()  # the next case's cache may be large
+    prefill_tiles = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
+    prefill = [bench_prefill(device, 4, 2048, tile) for tile in prefill_tiles] if not args.quick else []
+    report = {
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "copy_bandwidth_tb_s": copy_bw / 1e12,
+        "decode": results,
+        "prefill": prefill,
+        "wall_s": time.time() - started,
+    }
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"device {report['device']}  torch {torch.__version__}  triton {triton.__version__}")
+    for row in prefill:
+        print(
+            f"prefill {row['num_seqs']}x{row['prompt_len']} tile(rows,n,w,s)={row['tile']}: {row['time_us']:.0f} us, {row['tflop_s']:.0f} TFLOP/s"
+        )
+    print(f"copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
+    print(
+        f"{'label':8} {'batch':>5} {'ctx':>5} {'D':>4} {'G':>2} {'cfg(dot,n,w,s)':>16} {'parts':>5} "
+        f"{'us':>8} {'eager':>7} {'TB/s':>6} {'%copy':>6}"
+    )
+    for r in results:
+        c = r["config"]
+        cfg = f"{'d' if c['use_dot'] else 'b'},{c['block_n']},{c['num_warps']},{c['num_stages'] or 'auto'}"
+        ctx = f"{'~' if r['ragged'] else ''}{r['context']}"
+        print(
+            f"{r['label']:8} {r['batch']:>5} {ctx:>5} {r['head_dim']:>4} {r['group']:>2} {cfg:>16} "
+            f"{r['num_partitions']:>5} {r['time_us']:>8.1f} {r['eager_time_us']:>7.1f} "
+            f"{r['bandwidth_tb_s']:>6.2f} "
+            f"{100 * r['fraction_of_copy']:>5.1f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Where a decode step's time goes: the engine on the benchmark workload, all 256 requests decoding.
+
+    python -m bench.step_profile        # GPU; prints ms/step, a cProfile of 30 steps, and a breakdown
+
+The breakdown synchronises CUDA at each piece's boundaries, so pieces add up to more than an
+unsynchronised step; it attributes GPU time to the piece that launched it."""
+
+from __future__ import annotations
+
+import collections
+import cProfile
+import io
+import pstats
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import engine.model_runner as model_runner_module
+from bench.workload import make_checkpoint, make_workload
+from engine import EngineConfig, SamplingParams
+from engine.llm_engine import LLMEngine
+
+
+def main() -> None:
+    tmp = tempfile.mkdtemp()
+    model_dir = make_checkpoint("qwen3-0.6b", Path(tmp) / "model", device="cuda")
+    workload = make_workload()
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", max_num_seqs=256,
+                                    max_num_batched_tokens=16384, max_model_len=2048))
+    engine.generate(workload.prompts[:4], [SamplingParams(max_tokens=16, ignore_eos=True)] * 4)
+    engine.scheduler.reset_prefix_cache()
+    for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens, strict=True)):
+        engine.add_request(f"r{i}", prompt_token_ids=prompt, stream_text=False,
+                           params=SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0))
+    scheduler, runner = engine.scheduler, engine.model_runner
+    t0, steps = time.perf_counter(), 0
+    while scheduler.num_waiting or any(r.num_computed_tokens < r.num_tokens - 1 for r in scheduler.running):
+        engine.step()
+        steps += 1
+    torch.cuda.synchronize()
+    print(f"prefill phase: {steps} steps {time.perf_counter() - t0:.2f} s, running {scheduler.num_running}")
+    t0 = time.perf_counter()
+    for _ in range(50):
+        engine.step()
+    torch.cuda.synchronize()
+    print(f"decode: {(time.perf_counter() - t0) / 50 * 1e3:.2f} ms/step at batch {scheduler.num_running}")
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(30):
+        engine.step()
+    torch.cuda.synchronize()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(15)
+    print(text.getvalue())
+
+    totals: dict[str, float] = collections.defaultdict(float)
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            totals[name] += time.perf_counter() - start
+            return result
+        return wrapper
+
+    scheduler.schedule = timed("schedule", scheduler.schedule)  # type: ignore[method-assign]
+    scheduler.update_from_output = timed("update", scheduler.update_from_output)  # type: ignore[method-assign]
+    if runner.decode_graphs is not None:
+        runner.decode_graphs.run = timed("graph replay", runner.decode_graphs.run)  # type: ignore[method-assign]
+    runner.sampler = timed("sampler", runner.sampler)  # type: ignore[assignment]
+    runner.model.compute_logits = timed("logits", runner.model.compute_logits)  # type: ignore[method-assign]
+    from_params = model_runner_module.SamplingMetadata.from_params
+    model_runner_module.SamplingMetadata.from_params = timed("sampling metadata", from_params)  # type: ignore[method-assign]
+    engine._delta = timed("deltas", engine._delta)  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    for _ in range(50):
+        engine.step()
+    elapsed = time.perf_counter() - t0
+    print(f"synchronised: {elapsed / 50 * 1e3:.2f} ms/step at batch {scheduler.num_running}")
+    for name, total in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"{name:<20}{total / 50 * 1e3:8.3f} ms/step")
+
+
+if __name__ == "__main__":
+    main()

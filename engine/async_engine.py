@@ -1,0 +1,200 @@
+"""AsyncEngine: the LLMEngine step loop in its own thread, fed through a thread-safe inbox.
+
+The loop thread is the only one that touches the scheduler and the GPU; callers submit, abort and
+read stats from any thread, and `stream()` bridges outputs into asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.stats import EngineStats
+
+logger = logging.getLogger("tokenrelay.engine")
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Add:
+    request: Request
+    on_output: OutputCallback
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, *, engine: LLMEngine | None = None) -> None:
+        self.engine = engine if engine is not None else LLMEngine(config)
+        self.config = config
+        self.max_model_len = self.engine.max_model_len
+        self.tokenizer = self.engine.tokenizer
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._callbacks: dict[str, OutputCallback] = {}
+        self._num_pending = 0  # submitted, not yet taken in by the loop
+        self._pending_lock = threading.Lock()
+        self._stats = self.engine.stats()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None  # set if the loop died
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="tokenrelay-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def submit(
+        self,
+        request_id: str,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        resume_token_ids: list[int] | None = None,
+        on_output: OutputCallback,
+    ) -> None:
+        """Validate in the caller's thread (errors raise here), then queue for the loop."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine loop has died: {self.error!r}")
+        request = self.engine.make_request(
+            request_id, prompt, prompt_token_ids=prompt_token_ids, messages=messages,
+            params=params, priority=priority, resume_token_ids=resume_token_ids)
+        with self._pending_lock:
+            self._num_pending += 1
+        self._inbox.put(_Add(request, on_output))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    async def stream(
+        self,
+        request_id: str,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        resume_token_ids: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas as the loop produces them; the last one has finish_reason."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def deliver(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+
+        self.submit(request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
+                    params=params, priority=priority, resume_token_ids=resume_token_ids,
+                    on_output=deliver)
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            # A consumer that stops early (cancelled task, break) frees the request's blocks.
+            if not finished:
+                self.abort(request_id)
+
+    # ---- load ----------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return self._stats  # replaced whole by the loop after each step: reading it needs no lock
+
+    def has_capacity(self) -> int:
+        """How many more requests the engine can usefully take now (sequence slots and free KV)."""
+        s = self._stats
+        with self._pending_lock:
+            pending = self._num_pending
+        seq_slots = s.max_num_seqs - s.num_running - s.num_waiting - pending
+        if s.num_waiting + pending > 0 and s.num_free_blocks < s.num_total_blocks // 20:
+            return 0  # prompts already queue for memory: more would only wait here, not in Redis
+        return max(0, seq_slots)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping.is_set():
+                block = not engine.has_unfinished()
+                if not self._drain_inbox(block=block):
+                    break
+                if engine.has_unfinished():
+                    for out in engine.step():
+                        self._dispatch(out)
+                self._stats = engine.stats()
+        except BaseException as exc:  # the loop must not die silently: fail every open request
+            logger.exception("engine loop died")
+            self.error = exc
+            for req_id, callback in list(self._callbacks.items()):
+                callback(RequestOutput(request_id=req_id, token_ids=[], text="", finish_reason="abort",
+                                       extra={"error": 1.0}))
+            self._callbacks.clear()
+
+    def _drain_inbox(self, *, block: bool) -> bool:
+        """Apply queued adds/aborts; wait for one when idle. Returns False on shutdown."""
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if item is None:
+                return False
+            if isinstance(item, _Add):
+                with self._pending_lock:
+                    self._num_pending -= 1
+                self._add(item)
+            else:
+                self.engine.abort(item.request_id)
+
+    def _add(self, item: _Add) -> None:
+        req_id = item.request.request_id
+        try:
+            self.engine.add(item.request)
+        except ValueError as exc:  # e.g. a duplicate id: only this request fails
+            logger.warning("request=%s rejected: %s", req_id, exc)
+            item.on_output(RequestOutput(request_id=req_id, token_ids=[], text=str(exc),
+                                         finish_reason="abort", extra={"error": 1.0}))
+            return
+        self._callbacks[req_id] = item.on_output
+
+    def _dispatch(self, out: RequestOutput) -> None:
+        callback = self._callbacks.get(out.request_id)
+        if callback is None:
+            return
+        if out.finished:
+            del self._callbacks[out.request_id]
+        try:
+            callback(out)
+        except Exception:  # a broken consumer must not stop the loop for everyone else
+            logger.exception("output callback failed for request=%s", out.request_id)

@@ -1,0 +1,103 @@
+"""Paged attention as a layer: AttentionMetadata (one per step, passed through forward) and Attention,
+which writes this step's K/V into its layer's cache and attends over the paged context.
+
+The CPU path runs kernels/reference.py; on CUDA the Triton kernels are imported lazily (reference if
+the import fails)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.reference import paged_attention_ref, write_kv_cache_ref
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each token (PAD_SLOT_ID: not written)
+    query_start_loc: torch.Tensor  # [B+1] int32: cu_seqlens_q, token offsets of each sequence
+    seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
+    block_tables: torch.Tensor  # [B, max_num_blocks] int32: block ids of each sequence
+    max_query_len: int
+    max_seq_len: int
+
+
+WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+PagedAttn = Callable[..., torch.Tensor]
+
+
+def _paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                         scale: float, max_query_len: int, max_seq_len: int,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    # The reference takes no max lengths / out buffer; adapt it to the Triton launcher's signature.
+    result = paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result
+
+
+@functools.cache
+def get_attention_ops(device_type: str) -> tuple[WriteKV, PagedAttn]:
+    """(write_kv_cache, paged_attention) for a device type; resolved once per process."""
+    if device_type == "cuda":
+        try:
+            from kernels.kv_cache import write_kv_cache
+            from kernels.paged_attention import paged_attention
+        except Exception as exc:  # a broken Triton install must not take the engine down
+            logger.warning("triton attention kernels unavailable (%s); using the torch reference", exc)
+        else:
+            return write_kv_cache, paged_attention
+    return write_kv_cache_ref, _paged_attention_ref
+
+
+class Attention(nn.Module):
+    """Attention of this step's tokens over their sequences' paged KV context.
+
+    k_cache / v_cache [num_blocks, num_kv_heads, block_size, head_dim] are views handed out by the model
+    runner (bind_kv_cache); they are empty until the cache is allocated."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # q [T, H, D]; k, v [T, H_kv, D] -> [T, H * D]
+        assert self.k_cache.numel() > 0, "KV cache not bound: call bind_kv_cache before forward"
+        write_kv_cache, paged_attention = get_attention_ops(q.device.type)
+        write_kv_cache(k, v, self.k_cache, self.v_cache, attn_metadata.slot_mapping)
+        out = paged_attention(q, self.k_cache, self.v_cache, attn_metadata.block_tables,
+                              attn_metadata.seq_lens, attn_metadata.query_start_loc, self.scale,
+                              attn_metadata.max_query_len, attn_metadata.max_seq_len)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+def attention_layers(model: nn.Module) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def bind_kv_cache(model: nn.Module, kv_cache: torch.Tensor) -> None:
+    """Hand each Attention layer its views of kv_cache
+    [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]."""
+    layers = attention_layers(model)
+    assert kv_cache.shape[0] == len(layers), f"{kv_cache.shape[0]} cache layers for {len(layers)} layers"
+    for i, layer in enumerate(layers):
+        layer.k_cache, layer.v_cache = kv_cache[i, 0], kv_cache[i, 1]
+
+
+def release_kv_cache(model: nn.Module) -> None:
+    """Drop every layer's cache views so the cache tensor can be freed."""
+    for layer in attention_layers(model):
+        layer.k_cache, layer.v_cache = torch.empty(0), torch.empty(0)

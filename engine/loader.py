@@ -1,0 +1,149 @@
+"""Checkpoint loading: resolve a model path (local HF directory, else a hub download), read config.json,
+build our model and fill every parameter from the *.safetensors files through its weight_loader."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.errors import UnsupportedModelError
+from engine.models import LlamaForCausalLM, get_model_class
+from engine.models.layers import default_weight_loader
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
+    """EngineConfig.dtype -> torch dtype; "auto" is bf16 on CUDA and fp32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory as is; anything else is tried as a hub id (snapshot_download)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UnsupportedModelError(f"{model!r} is a file; pass the checkpoint's directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        downloaded = snapshot_download(
+            model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"])
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"{model!r} is not a local directory and could not be downloaded: {exc}") from exc
+    return Path(downloaded)
+
+
+def load_hf_config(model: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_dir(model))
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    # Mistral repos ship consolidated.safetensors (another naming scheme) beside the HF shards.
+    files = sorted(p for p in model_dir.glob("*.safetensors") if not p.name.startswith("consolidated"))
+    if not files:
+        raise UnsupportedModelError(
+            f"no *.safetensors files in {model_dir}; convert the checkpoint with save_pretrained("
+            f"..., safe_serialization=True)")
+    return files
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(model_dir: Path, hf_config: Any, dtype: torch.dtype, device: str | torch.device
+               ) -> LlamaForCausalLM:
+    """Build the model for hf_config on `device` in `dtype` and load its weights from model_dir."""
+    model_cls = get_model_class(hf_config)
+    files = safetensors_files(model_dir)
+    # Parameters are created directly on the device in the target dtype; RoPE's inv_freq stays float32.
+    with torch.device(device), _default_dtype(dtype):
+        model = model_cls.from_hf_config(hf_config)
+    load_weights(model, files)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, files: list[Path]) -> None:
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+    is_tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                if "rotary_emb.inv_freq" in name or (is_tied and name == "lm_head.weight"):
+                    continue  # recomputed / shared with embed_tokens
+                param_name, shard_id = _to_param_name(name, packed)
+                if param_name not in params:
+                    unexpected.append(name)
+                    continue
+                param = params[param_name]
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                loader(param, f.get_tensor(name), shard_id)
+                loaded.add(name)
+    if unexpected:
+        raise UnsupportedModelError(
+            f"checkpoint has {len(unexpected)} weights this model does not use (e.g. {unexpected[:5]}); "
+            f"its config.json does not match our implementation of {type(model).__name__}")
+    missing = sorted(_expected_checkpoint_names(model, packed) - loaded)
+    if missing:
+        raise UnsupportedModelError(
+            f"checkpoint is missing {len(missing)} weights: {', '.join(missing[:10])}"
+            f"{' ...' if len(missing) > 10 else ''}")
+
+
+def _to_param_name(name: str, packed: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
+    for hf_module, (our_module, shard_id) in packed.items():
+        if f".{hf_module}." in name:
+            return name.replace(f".{hf_module}.", f".{our_module}."), shard_id
+    return name, None
+
+
+def _expected_checkpoint_names(model: nn.Module, packed: dict[str, tuple[str, Any]]) -> set[str]:
+    """HF names of every tensor the model needs: fused parameters expand back to their shards."""
+    unpacked: dict[str, list[str]] = {}
+    for hf_module, (our_module, _) in packed.items():
+        unpacked.setdefault(our_module, []).append(hf_module)
+    names: set[str] = set()
+    for param_name, _ in model.named_parameters():  # a tied lm_head is listed once, as embed_tokens
+        for our_module, hf_modules in unpacked.items():
+            if f".{our_module}." in param_name:
+                names.update(param_name.replace(f".{our_module}.", f".{m}.") for m in hf_modules)
+                break
+        else:
+            names.add(param_name)
+    return names

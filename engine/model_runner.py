@@ -1,0 +1,329 @@
+"""ModelRunner: the only owner of tensors and the device. It loads the model, sizes and allocates the
+paged KV cache, and turns each SchedulerOutput into one forward pass plus sampling.
+
+It keeps a per-request state (token ids, block table, sampling params) keyed by req_id, fed by
+NewRequestData / CachedRequestData and by the tokens it samples itself."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.attention import AttentionMetadata, bind_kv_cache, release_kv_cache
+from engine.config import EngineConfig
+from engine.cuda_graphs import PADDING_ROW, DecodeGraphs
+from engine.errors import UnsupportedModelError
+from engine.loader import load_model, resolve_dtype, resolve_model_dir
+from engine.sampler import SampleLogprobs, Sampler, SamplingMetadata
+from engine.sampling_params import SamplingParams
+from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    token_ids: list[int]  # prompt then outputs, including the ones this runner sampled
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    seed: int
+    num_computed_tokens: int
+    table_row: int = PADDING_ROW  # this request's row of the runner's device block table
+    # Block table as an int32 CPU tensor grown in place, so a step stacks rows without a per-block loop.
+    block_table: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
+    num_blocks: int = 0
+
+    def append_block_ids(self, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        needed = self.num_blocks + len(block_ids)
+        if needed > self.block_table.numel():
+            grown = torch.empty(max(needed, 2 * self.block_table.numel()), dtype=torch.int32)
+            grown[:self.num_blocks] = self.block_table[:self.num_blocks]
+            self.block_table = grown
+        self.block_table[self.num_blocks:needed] = torch.tensor(block_ids, dtype=torch.int32)
+        self.num_blocks = needed
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config: Any, max_model_len: int) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = max_model_len
+        self.block_size = config.block_size
+        self.model = load_model(resolve_model_dir(config.model), hf_config, self.dtype, self.device)
+        model_cfg = self.model.config
+        if model_cfg.sliding_window is not None and max_model_len > model_cfg.sliding_window:
+            raise UnsupportedModelError(
+                f"this checkpoint uses sliding-window attention ({model_cfg.sliding_window} tokens), which we "
+                f"do not implement; set max_model_len <= {model_cfg.sliding_window}")
+        self.vocab_size: int = model_cfg.vocab_size
+        self.num_layers: int = model_cfg.num_layers
+        self.num_kv_heads: int = model_cfg.num_kv_heads
+        self.head_dim: int = model_cfg.head_dim
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_cache: torch.Tensor | None = None
+        self.decode_graphs: DecodeGraphs | None = None
+        # Device mirror of every live request's block table (one row each), for the decode graphs;
+        # updated incrementally with the block ids each step appends. Row PADDING_ROW is never used.
+        self.block_table_device: torch.Tensor | None = None
+        self._free_table_rows = list(range(config.max_num_seqs, PADDING_ROW, -1))
+        self._pending_table_writes: list[tuple[int, int, list[int]]] = []  # (row, first column, ids)
+
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of one block across all layers (K and V)."""
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_dim * element_size
+
+    def num_kv_blocks_from_memory(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cpu":
+            num_blocks = int(self.config.cpu_kv_cache_gb * (1 << 30)) // self.kv_block_bytes
+        else:
+            num_blocks = self._profile_gpu_num_blocks()
+        if num_blocks < 1:
+            raise ValueError(
+                f"no memory left for the KV cache (one block needs {self.kv_block_bytes} bytes); raise "
+                f"cpu_kv_cache_gb / gpu_memory_utilization, lower max_num_batched_tokens, or set num_kv_blocks")
+        return num_blocks
+
+    def _profile_gpu_num_blocks(self) -> int:
+        """Give the KV cache what the profile run's peak (weights + activations) leaves of the budget."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        temp_cache_bytes = self.profile_run()
+        torch.cuda.synchronize(self.device)
+        activation_bytes = torch.cuda.max_memory_allocated(self.device) - temp_cache_bytes
+        free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
+        non_torch_bytes = max(0, (total_bytes - free_bytes) - torch.cuda.memory_reserved(self.device))
+        torch.cuda.empty_cache()
+        available = self.config.gpu_memory_utilization * total_bytes - activation_bytes - non_torch_bytes
+        logger.info("kv profile: weights_and_activations_gb=%.2f non_torch_gb=%.2f kv_gb=%.2f",
+                    activation_bytes / 2**30, non_torch_bytes / 2**30, max(0.0, available) / 2**30)
+        return max(0, int(available) // self.kv_block_bytes)
+
+    def profile_run(self) -> int:
+        """The worst step for memory: one forward of max_num_batched_tokens tokens over a temporary
+        cache, then the sampler on max_num_seqs rows (its [N, vocab] temporaries). Leaves no state
+        behind; returns the temporary cache's bytes (part of the peak, not of the activations)."""
+        num_tokens = self.config.max_num_batched_tokens
+        num_seqs = min(self.config.max_num_seqs, max(1, -(-num_tokens // self.max_model_len)))
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        num_temp_blocks = sum(-(-n // self.block_size) for n in lens)
+        self.allocate_kv_cache(num_temp_blocks)
+        next_block = iter(range(num_temp_blocks))
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.1)
+        for i, n in enumerate(lens):
+            state = CachedRequestState(f"profile-{i}", [0] * n, n, params, seed=0, num_computed_tokens=0)
+            state.append_block_ids([next(next_block) for _ in range(-(-n // self.block_size))])
+            self.requests[state.req_id] = state
+        self.execute_model(SchedulerOutput(
+            num_scheduled_tokens={f"profile-{i}": n for i, n in enumerate(lens)},
+            total_num_scheduled_tokens=num_tokens))
+        num_rows = self.config.max_num_seqs
+        with torch.inference_mode():
+            logits = torch.zeros((num_rows, self.vocab_size), dtype=torch.float32, device=self.device)
+            metadata = SamplingMetadata.from_params([params] * num_rows, [0] * num_rows, [1] * num_rows,
+                                                    [[0, 0]] * num_rows, [1] * num_rows, self.vocab_size,
+                                                    self.device)
+            self.sampler(logits, metadata)
+        self.requests.clear()
+        release_kv_cache(self.model)
+        self.kv_cache = None
+        return num_temp_blocks * self.kv_block_bytes
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        # One tensor for all layers; each Attention layer gets views [num_blocks, H_kv, block_size, D].
+        self.kv_cache = torch.zeros(
+            (self.num_layers, 2, num_blocks, self.num_kv_heads, self.block_size, self.head_dim),
+            dtype=self.dtype, device=self.device)
+        bind_kv_cache(self.model, self.kv_cache)
+
+    def capture_cudagraphs(self) -> None:
+        """Capture the decode forward for every padded batch size (CUDA only, after allocate_kv_cache)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        max_blocks = -(-self.max_model_len // self.block_size)
+        self.block_table_device = torch.zeros((self.config.max_num_seqs + 1, max_blocks), dtype=torch.int32,
+                                              device=self.device)
+        graphs = DecodeGraphs(self.model, self.block_table_device, max_num_seqs=self.config.max_num_seqs,
+                              max_model_len=self.max_model_len, block_size=self.block_size)
+        graphs.capture()
+        self.decode_graphs = graphs
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for req_id in so.finished_req_ids:
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                self._free_table_rows.append(state.table_row)
+        for new in so.new_requests:
+            state = CachedRequestState(new.req_id, list(new.token_ids), new.num_prompt_tokens,
+                                       new.sampling_params, new.seed, new.num_computed_tokens,
+                                       table_row=self._free_table_rows.pop())
+            self.requests[new.req_id] = state
+            self._append_blocks(state, new.block_ids)
+        for cached in so.cached_requests:
+            state = self.requests[cached.req_id]
+            self._append_blocks(state, cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+        self._flush_table_writes()
+
+    def _append_blocks(self, state: CachedRequestState, block_ids: list[int]) -> None:
+        if block_ids and self.block_table_device is not None:
+            self._pending_table_writes.append((state.table_row, state.num_blocks, block_ids))
+        state.append_block_ids(block_ids)
+
+    def _flush_table_writes(self) -> None:
+        """Apply the step's new block ids to the device block table in one scatter."""
+        if not self._pending_table_writes or self.block_table_device is None:
+            return
+        rows = [row for row, _, ids in self._pending_table_writes for _ in ids]
+        cols = [col + i for _, col, ids in self._pending_table_writes for i in range(len(ids))]
+        vals = [b for _, _, ids in self._pending_table_writes for b in ids]
+        self._pending_table_writes.clear()
+        index = torch.tensor([rows, cols, vals], dtype=torch.int64).to(self.device, non_blocking=True)
+        self.block_table_device[index[0], index[1]] = index[2].to(torch.int32)
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        assert self.kv_cache is not None, "allocate_kv_cache must run before execute_model"
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput()
+        states = [self.requests[req_id] for req_id in scheduler_output.num_scheduled_tokens]
+        num_scheduled = list(scheduler_output.num_scheduled_tokens.values())
+        num_computed = [s.num_computed_tokens for s in states]
+        graphs = self.decode_graphs
+        if (graphs is not None and graphs.can_run(len(states))
+                and all(c + 1 == len(s.token_ids) for s, c in zip(states, num_computed, strict=True))
+                and all(n == 1 for n in num_scheduled)):
+            # Pure decode: every request computes its last token and samples the next one.
+            hidden = graphs.run([s.token_ids[-1] for s in states], num_computed,
+                                [s.table_row for s in states])
+            sampled, logits_indices = states, None
+        else:
+            step = self._prepare_inputs(states, num_scheduled, num_computed)
+            hidden = self.model(*step.to_device(self.device))  # [T, hidden]
+            sampled, logits_indices = step.sampled, step.logits_indices.to(self.device)
+        if not sampled:
+            return ModelRunnerOutput()
+        rows = hidden if logits_indices is None else hidden[logits_indices]
+        logits = self.model.compute_logits(rows).float()  # [N, vocab]
+        metadata = SamplingMetadata.from_params(
+            [s.sampling_params for s in sampled], [s.seed for s in sampled], [len(s.token_ids) for s in sampled],
+            [s.token_ids for s in sampled], [s.num_prompt_tokens for s in sampled], self.vocab_size, self.device)
+        token_ids, logprobs = self.sampler(logits, metadata)
+        token_id_list: list[int] = token_ids.tolist()  # the step's one host sync
+        output = ModelRunnerOutput()
+        for state, token_id in zip(sampled, token_id_list, strict=True):
+            state.token_ids.append(token_id)
+            output.sampled_token_ids[state.req_id] = token_id
+        if logprobs is not None:
+            output.logprobs = _logprobs_to_dicts(sampled, token_id_list, logprobs)
+        return output
+
+    def _prepare_inputs(self, states: list[CachedRequestState], num_scheduled: list[int],
+                        num_computed: list[int]) -> StepInputs:
+        """Flatten the step's tokens (batch order = scheduler order) and build the paged-attention
+        metadata with torch ops on the CPU; the caller moves them to the device (or a CUDA graph)."""
+        if all(n == 1 for n in num_scheduled):
+            return self._prepare_decode(states, num_computed)
+        num_tokens = sum(num_scheduled)
+        input_ids = torch.tensor(list(itertools.chain.from_iterable(
+            s.token_ids[c:c + n] for s, c, n in zip(states, num_computed, num_scheduled, strict=True))),
+            dtype=torch.int64)
+        num_scheduled_t = torch.tensor(num_scheduled, dtype=torch.int64)
+        num_computed_t = torch.tensor(num_computed, dtype=torch.int64)
+        query_start_loc = torch.zeros(len(states) + 1, dtype=torch.int64)
+        torch.cumsum(num_scheduled_t, dim=0, out=query_start_loc[1:])
+        req_indices = torch.repeat_interleave(torch.arange(len(states)), num_scheduled_t, output_size=num_tokens)
+        positions = (torch.arange(num_tokens) - query_start_loc[req_indices]) + num_computed_t[req_indices]
+        block_tables = torch.nn.utils.rnn.pad_sequence(
+            [s.block_table[:s.num_blocks] for s in states], batch_first=True)  # [B, max_blocks] int32
+        slot_mapping = (block_tables[req_indices, positions // self.block_size].long() * self.block_size
+                        + positions % self.block_size)
+        seq_lens = num_computed_t + num_scheduled_t
+        # Only rows that reach the end of the request's known tokens produce a token; a partial
+        # prefill chunk samples nothing.
+        is_sampled = [c + n == len(s.token_ids) for s, c, n in zip(states, num_computed, num_scheduled, strict=True)]
+        logits_indices = query_start_loc[1:][torch.tensor(is_sampled, dtype=torch.bool)] - 1
+        return StepInputs(
+            input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc.to(torch.int32), seq_lens=seq_lens.to(torch.int32),
+            block_tables=block_tables, max_query_len=max(num_scheduled),
+            max_seq_len=max(c + n for c, n in zip(num_computed, num_scheduled, strict=True)),
+            logits_indices=logits_indices,
+            sampled=[s for s, keep in zip(states, is_sampled, strict=True) if keep])
+
+    def _prepare_decode(self, states: list[CachedRequestState], num_computed: list[int]) -> StepInputs:
+        """One token per request (the common step): no repeat_interleave, no per-token Python."""
+        num_seqs = len(states)
+        positions = torch.tensor(num_computed, dtype=torch.int64)
+        input_ids = torch.tensor([s.token_ids[c] for s, c in zip(states, num_computed, strict=True)],
+                                 dtype=torch.int64)
+        block_tables = torch.nn.utils.rnn.pad_sequence(
+            [s.block_table[:s.num_blocks] for s in states], batch_first=True)  # [B, max_blocks] int32
+        rows = torch.arange(num_seqs)
+        slot_mapping = (block_tables[rows, positions // self.block_size].long() * self.block_size
+                        + positions % self.block_size)
+        # A decode row samples unless the request still has known tokens after this one (a resumed
+        # request's last prompt token is computed by a prefill chunk, never here).
+        is_sampled = [c + 1 == len(s.token_ids) for s, c in zip(states, num_computed, strict=True)]
+        return StepInputs(
+            input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+            query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
+            seq_lens=(positions + 1).to(torch.int32), block_tables=block_tables, max_query_len=1,
+            max_seq_len=max(num_computed) + 1,
+            logits_indices=rows[torch.tensor(is_sampled, dtype=torch.bool)],
+            sampled=[s for s, keep in zip(states, is_sampled, strict=True) if keep])
+
+
+@dataclass
+class StepInputs:
+    """One step's model inputs, built on the CPU."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+    logits_indices: torch.Tensor  # [N] rows of the hidden states to sample from
+    sampled: list[CachedRequestState]  # the N requests that produce a token this step
+
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        attn_metadata = AttentionMetadata(
+            slot_mapping=self.slot_mapping.to(device), query_start_loc=self.query_start_loc.to(device),
+            seq_lens=self.seq_lens.to(device), block_tables=self.block_tables.to(device),
+            max_query_len=self.max_query_len, max_seq_len=self.max_seq_len)
+        return self.input_ids.to(device), self.positions.to(device), attn_metadata
+
+
+def _logprobs_to_dicts(states: list[CachedRequestState], token_ids: list[int], logprobs: SampleLogprobs
+                       ) -> dict[str, dict[int, float]]:
+    wanted = [i for i, s in enumerate(states) if s.sampling_params.logprobs is not None]
+    if not wanted:
+        return {}
+    rows = torch.tensor(wanted, device=logprobs.sampled_logprobs.device)
+    top_ids = logprobs.top_token_ids[rows].tolist()
+    top_values = logprobs.top_logprobs[rows].tolist()
+    sampled_values = logprobs.sampled_logprobs[rows].tolist()
+    result: dict[str, dict[int, float]] = {}
+    for j, i in enumerate(wanted):
+        num = states[i].sampling_params.logprobs or 0
+        entry = dict(zip(top_ids[j][:num], top_values[j][:num], strict=True))
+        entry[token_ids[i]] = sampled_values[j]
+        result[states[i].req_id] = entry
+    return result

@@ -1,0 +1,355 @@
+"""Scheduler: the waiting and running queues, the token budget of each step, preemption and stops.
+
+It owns the Request objects handed to add_request; schedule() and update_from_output() bracket each
+model call and exchange plain values (engine/scheduler_output.py) with the model runner."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.scheduler_output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class WaitingQueue:
+    """Requests waiting for admission: arrival order (fcfs) or (priority, arrival) order (priority).
+
+    Removal (an abort) is lazy, so aborting many waiting requests stays linear: a removed entry is
+    skipped when it reaches the head."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self._fifo: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._live: dict[str, Request] = {}
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, request: Request) -> bool:
+        return self._live.get(request.request_id) is request
+
+    def push(self, request: Request, front: bool = False) -> None:
+        """Enqueue; `front` (a preempted request under fcfs) puts it ahead of everyone."""
+        self._live[request.request_id] = request
+        if self.policy == "priority":
+            entry = (request.priority, request.arrival_time, next(self._counter), request)
+            heapq.heappush(self._heap, entry)
+        elif front:
+            self._fifo.appendleft(request)
+        else:
+            self._fifo.append(request)
+
+    def peek(self) -> Request | None:
+        if self.policy == "priority":
+            while self._heap and self._heap[0][3] not in self:
+                heapq.heappop(self._heap)
+            return self._heap[0][3] if self._heap else None
+        while self._fifo and self._fifo[0] not in self:
+            self._fifo.popleft()
+        return self._fifo[0] if self._fifo else None
+
+    def pop(self) -> Request:
+        request = self.peek()
+        assert request is not None, "pop from an empty waiting queue"
+        if self.policy == "priority":
+            heapq.heappop(self._heap)
+        else:
+            self._fifo.popleft()
+        del self._live[request.request_id]
+        return request
+
+    def remove(self, request: Request) -> None:
+        del self._live[request.request_id]
+
+
+class Scheduler:
+    """Continuous batching over a token budget, vLLM-v1 style: num_computed_tokens catches up with
+    num_tokens for every request, so chunked prefill, prefix hits and mixed batches need no phases.
+
+    Admission. By default waiting prompts are admitted whenever budget, sequence slots and KV blocks
+    allow: the best time to first token, but each admitted prefill (or chunk) makes that step slower
+    for every running decode. With config.waiting_served_ratio set (TGI's policy) prompts are admitted
+    only when nothing runs, when num_waiting >= ratio * num_running, or when config.max_waiting_steps
+    steps passed since the last admission: prefills arrive in fewer, larger groups, so decodes run
+    smoother and batches grow fuller, at the price of a longer TTFT for a prompt that arrives alone.
+    """
+
+    def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.kv_cache_manager = KVCacheManager(num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.max_model_len = max_model_len
+        # A request can never outgrow the whole cache: stop it there ("length") instead of preempting
+        # it forever.
+        num_kv_tokens = self.kv_cache_manager.num_total_blocks * self.block_size
+        self.max_seq_len = min(max_model_len, num_kv_tokens)
+        if num_kv_tokens < max_model_len:
+            logger.warning("kv_tokens=%d < max_model_len=%d: sequences stop at %d tokens; give the KV "
+                           "cache more blocks to reach max_model_len", num_kv_tokens, max_model_len,
+                           num_kv_tokens)
+        self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+        self.waiting = WaitingQueue(config.scheduling_policy)
+        self.running: list[Request] = []  # admission order: the batch order of their decodes
+        self._finished_req_ids: set[str] = set()  # since the last schedule(), for the runner
+        self._num_preemptions = 0
+        self._num_steps_since_admission = 0
+
+    # ---- requests in and out ------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in the engine; "
+                                      f"give each request a unique id")
+        num_tokens = request.num_tokens
+        if num_tokens + 1 > self.max_model_len:
+            raise PromptTooLongError(
+                f"request {request.request_id!r}: the prompt has {num_tokens} tokens (including resumed "
+                f"outputs) and max_model_len is {self.max_model_len}, leaving no room to generate; "
+                f"shorten the prompt to at most {self.max_model_len - 1} tokens or raise max_model_len")
+        num_blocks_needed = -(-(num_tokens + 1) // self.block_size)
+        num_total_blocks = self.kv_cache_manager.num_total_blocks
+        if num_blocks_needed > num_total_blocks:
+            raise PromptTooLongError(
+                f"request {request.request_id!r}: {num_tokens} tokens plus one generated need "
+                f"{num_blocks_needed} KV blocks of {self.block_size} tokens but the cache has only "
+                f"{num_total_blocks}; shorten the prompt to at most {self.max_seq_len - 1} tokens or give "
+                f"the KV cache more memory (num_kv_blocks / gpu_memory_utilization / cpu_kv_cache_gb)")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> list[Request]:
+        """Abort or stop (stop strings) waiting or running requests; unknown ids are ignored."""
+        assert status.is_finished, f"{status} is not a finished status"
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        finished: list[Request] = []
+        for req_id in request_ids:
+            request = self.requests.pop(req_id, None)
+            if request is None:
+                continue
+            if request in self.waiting:
+                self.waiting.remove(request)
+            request.status = status
+            self.kv_cache_manager.free(request)
+            self._finished_req_ids.add(req_id)
+            finished.append(request)
+        if finished:
+            self.running = [request for request in self.running if not request.is_finished]
+        return finished
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(output, budget)
+        # No admission in a step that preempted: the freed blocks would only be fought over again.
+        if not output.preempted_req_ids and self._admission_allowed():
+            self._schedule_waiting(output, budget)
+        self._num_steps_since_admission = 0 if output.new_requests else self._num_steps_since_admission + 1
+        output.total_num_scheduled_tokens = sum(output.num_scheduled_tokens.values())
+        output.finished_req_ids = self._finished_req_ids
+        self._finished_req_ids = set()
+        return output
+
+    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+        """Running requests in order: a decode token or the next prefill chunk each. Returns the budget left.
+
+        When blocks run out, preempt victims until the request fits; stop once it is the victim."""
+        kv = self.kv_cache_manager
+        block_size = self.block_size
+        num_scheduled_tokens = output.num_scheduled_tokens
+        cached_requests = output.cached_requests  # in running order, as scheduled
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_computed_tokens = request.num_computed_tokens
+            num_new_tokens = min(request.num_tokens - num_computed_tokens, budget)
+            assert num_new_tokens > 0, f"{request.request_id}: the runner sampled no token for a finished prefill"
+            # A running request holds exactly the blocks of its computed tokens (test_scheduler's
+            # FakeRunner asserts it every step): tokens that still fit its last block need no new one.
+            num_last_block_tokens = num_computed_tokens % block_size
+            if num_last_block_tokens and num_last_block_tokens + num_new_tokens <= block_size:
+                block_ids: list[int] | None = []
+            else:
+                block_ids = kv.allocate_slots(request, num_new_tokens)
+            while block_ids is None:
+                victim = self._pick_victim()
+                self._preempt(victim, output)
+                if victim.request_id in num_scheduled_tokens:  # priority policy: undo its step
+                    budget += num_scheduled_tokens.pop(victim.request_id)
+                    output.cached_requests = cached_requests = [
+                        c for c in cached_requests if c.req_id != victim.request_id]
+                if victim is request:
+                    break
+                block_ids = kv.allocate_slots(request, num_new_tokens)
+            if block_ids is None:
+                break
+            num_scheduled_tokens[request.request_id] = num_new_tokens
+            cached_requests.append(CachedRequestData(
+                req_id=request.request_id, new_block_ids=block_ids, num_computed_tokens=num_computed_tokens))
+            budget -= num_new_tokens
+        return budget
+
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        """Admit waiting (new or preempted) requests in queue order while budget, seats and blocks last."""
+        kv = self.kv_cache_manager
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            if request is None:
+                break
+            assert request.num_computed_tokens == 0, "waiting requests hold no KV"
+            computed_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
+            num_new_tokens = min(request.num_tokens - num_hit_tokens, budget)
+            if kv.allocate_slots(request, num_new_tokens, computed_block_ids) is None:
+                break  # the head does not fit: admitting those behind it would starve it
+            self.waiting.pop()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            output.new_requests.append(NewRequestData(
+                req_id=request.request_id, token_ids=list(request.all_token_ids),
+                num_prompt_tokens=request.num_prompt_tokens, block_ids=kv.get_block_ids(request.request_id),
+                num_computed_tokens=num_hit_tokens, sampling_params=request.sampling_params,
+                seed=request.seed))
+            output.num_scheduled_tokens[request.request_id] = num_new_tokens
+            budget -= num_new_tokens
+
+    def _admission_allowed(self) -> bool:
+        ratio = self.config.waiting_served_ratio
+        if ratio is None or not self.running:
+            return True
+        if len(self.waiting) >= ratio * len(self.running):
+            return True
+        max_waiting_steps = self.config.max_waiting_steps
+        return max_waiting_steps is not None and self._num_steps_since_admission >= max_waiting_steps
+
+    def _pick_victim(self) -> Request:
+        if self.config.scheduling_policy == "priority":
+            # Lowest priority (largest value), newest among equals; the list is in admission order,
+            # so the last of equals wins the tie on arrival_time too.
+            return max(reversed(self.running), key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, request: Request, output: SchedulerOutput) -> None:
+        """Recompute-style preemption: drop the KV, send the request back to the waiting queue."""
+        if self.running and self.running[-1] is request:
+            self.running.pop()
+        else:
+            self.running.remove(request)
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.push(request, front=True)
+        output.preempted_req_ids.add(request.request_id)
+        self._finished_req_ids.add(request.request_id)
+        logger.info("job=%s preempted tokens=%d free_blocks=%d", request.request_id, request.num_tokens,
+                    self.kv_cache_manager.num_free_blocks)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[Request]:
+        """Advance progress, cache newly full blocks, append sampled tokens and apply the stops.
+
+        Returns the requests that got a token this step, finished or not, in batch order."""
+        kv = self.kv_cache_manager
+        block_size = self.block_size
+        requests = self.requests
+        sampled_token_ids = runner_output.sampled_token_ids
+        running = RequestStatus.RUNNING
+        updated: list[Request] = []
+        num_finished = 0
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = requests.get(req_id)
+            if request is None or request.status is not running:
+                continue  # aborted (or preempted) after this step was scheduled
+            num_computed_before = request.num_computed_tokens
+            num_computed_tokens = request.num_computed_tokens = num_computed_before + num_tokens
+            # Every block below num_computed_before // block_size is registered already (admission
+            # registers a prefix hit, each update what it filled): only a crossed boundary adds one.
+            if num_computed_tokens // block_size != num_computed_before // block_size:
+                kv.cache_full_blocks(request, num_computed_tokens)
+            token_id = sampled_token_ids.get(req_id)
+            if token_id is None:
+                continue  # a partial prefill chunk
+            request.append_output_token(token_id)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                request.status = status
+                kv.free(request)
+                del requests[req_id]
+                self._finished_req_ids.add(req_id)
+                num_finished += 1
+            updated.append(request)
+        if num_finished:
+            self.running = [request for request in self.running if not request.is_finished]
+        return updated
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if token_id in request.eos_token_ids and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if params.stop_token_ids and token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_seq_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # ---- state for the engine and its stats ---------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_request(self, req_id: str) -> Request | None:
+        return self.requests.get(req_id)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    def kv_waste(self) -> float:
+        return self.kv_cache_manager.kv_waste()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._num_preemptions
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_cache_manager.usage
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.kv_cache_manager.prefix_cache_hit_rate
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv_cache_manager.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.kv_cache_manager.num_total_blocks

@@ -1,0 +1,1 @@
+"""Examples of backends that use tokenrelay (importable, so tests can serve them)."""

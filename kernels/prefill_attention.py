@@ -1,0 +1,153 @@
+"""Prefill / extend attention over the paged KV cache: variable query lengths per sequence
+(cu_seqlens_q), causal over the whole cached context, so chunked prefill and prefix hits just work."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.kv_cache import check_attention_args, dot_in_fp32, load_kv_tile, pipeline_stages
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_kernel(
+    query_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    block_tables_ptr,  # [num_seqs, max_num_blocks_per_seq]
+    seq_lens_ptr,  # [num_seqs]
+    query_start_loc_ptr,  # [num_seqs + 1]
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    qk_scale,  # softmax scale * log2(e): the kernel works in exp2
+    stride_q_tok,
+    stride_q_head,
+    stride_cache_block,
+    stride_cache_head,
+    stride_cache_tok,
+    stride_bt_seq,
+    stride_out_tok,
+    stride_out_head,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # query tokens per program; rows = BLOCK_Q * GROUP_PAD
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # compute in fp32: the interpreter's bf16 tl.dot is wrong (triton 3.9)
+):
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    tile_start = q_tile * BLOCK_Q
+    if tile_start >= q_len:  # the grid is sized for the longest query
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # tokens cached before this step's: visible to every new token
+
+    # Row r is query token tile_start + r // GROUP_PAD, head r % GROUP_PAD of this KV group, so the
+    # K/V tile loaded once serves the whole group.
+    offs_m = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    q_tok = tile_start + offs_m // GROUP_PAD
+    in_group = offs_m % GROUP_PAD
+    mask_m = (q_tok < q_len) & (in_group < GROUP)
+    heads = kv_head * GROUP + in_group
+    offs_d = tl.arange(0, HEAD_DIM)
+    tokens = (q_start + q_tok).to(tl.int64)
+    q_offs = tokens[:, None] * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :]
+    q = tl.load(query_ptr + q_offs, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = context_len + q_tok  # position of each row's token in its sequence
+
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    head_offset = kv_head.to(tl.int64) * stride_cache_head
+    kv_end = tl.minimum(seq_len, context_len + tile_start + BLOCK_Q)  # causal: nothing past the last row
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < kv_end
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, head_offset, offs_n, mask_n, offs_d,
+                            stride_cache_block, stride_cache_tok, BLOCK_SIZE, UPCAST)  # [BLOCK_N, HEAD_DIM]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        # Key 0 is visible to every row, so m_i is finite after the first tile and no row sees NaN.
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_offs = tokens[:, None] * stride_out_tok + heads[:, None] * stride_out_head + offs_d[None, :]
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+def prefill_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int
+    seq_lens: torch.Tensor,  # [num_seqs] int
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int
+    scale: float,
+    max_query_len: int,
+    out: torch.Tensor | None = None,
+    rows_per_tile: int = 64,  # query rows (tokens x heads of one KV group) per program
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens (its last ones) over its cached context; the
+    K/V of this step's tokens must already be in the cache. max_query_len is a host upper bound of
+    the query lengths (it sizes the grid)."""
+    out = check_attention_args(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
+    num_seqs = seq_lens.shape[0]
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    if num_seqs == 0 or query.shape[0] == 0 or max_query_len <= 0:
+        return out
+    group = num_heads // num_kv_heads
+    upcast = dot_in_fp32(query)
+    group_pad = triton.next_power_of_2(group)
+    # At least 16 rows for tl.dot; a large group gets few tokens per tile rather than huge tiles.
+    block_q = max(rows_per_tile // group_pad, 16 // group_pad, 1)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _prefill_kernel[grid](
+        query_ptr=query,
+        k_cache_ptr=k_cache,
+        v_cache_ptr=v_cache,
+        block_tables_ptr=block_tables,
+        seq_lens_ptr=seq_lens,
+        query_start_loc_ptr=query_start_loc,
+        out_ptr=out,
+        qk_scale=scale * LOG2E,
+        stride_q_tok=query.stride(0),
+        stride_q_head=query.stride(1),
+        stride_cache_block=k_cache.stride(0),
+        stride_cache_head=k_cache.stride(1),
+        stride_cache_tok=k_cache.stride(2),
+        stride_bt_seq=block_tables.stride(0),
+        stride_out_tok=out.stride(0),
+        stride_out_head=out.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if upcast else "tf32",
+        UPCAST=upcast,
+        num_warps=num_warps,
+        num_stages=pipeline_stages(num_stages, block_n, head_dim, k_cache.dtype),
+    )
+    return out

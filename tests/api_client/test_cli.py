@@ -1,0 +1,93 @@
+"""`python -m api_client`: submits a job, prints streamed deltas or the final text, fails on error events."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from api_client.__main__ import main
+from api_client.keys import EVENT_FIELD, Keys
+from api_client.schema import DoneEvent, ErrorEvent, TokenEvent, dump_event, parse_job
+from tests.helpers.redis_server import RedisServer, read_stream
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fake_producer(server: RedisServer, keys: Keys, job_id: str,
+                   events: list[TokenEvent | DoneEvent | ErrorEvent]) -> threading.Thread:
+    """Test driver: waits for the CLI's job to land in the jobs stream, then writes the given events."""
+
+    def run() -> None:
+        r = server.client()
+        deadline = time.monotonic() + 20
+        while not r.xlen(keys.jobs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for event in events:
+            r.xadd(keys.result(job_id), {EVENT_FIELD: dump_event(event)})
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _deltas() -> list[TokenEvent | DoneEvent | ErrorEvent]:
+    return [TokenEvent(index=0, token_ids=[1], text="Hel"), TokenEvent(index=1, token_ids=[2, 3], text="lo, "),
+            TokenEvent(index=3, token_ids=[4], text="world"),
+            DoneEvent(finish_reason="stop", text="Hello, world", token_ids=[1, 2, 3, 4],
+                      usage={"prompt_tokens": 2, "completion_tokens": 4})]  # type: ignore[arg-type]
+
+
+def test_stream_prints_deltas(redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = Keys("cli")
+    producer = _fake_producer(redis_server, keys, "cli-1", _deltas())
+    code = main(["Say hello", "--stream", "--max-tokens", "4", "--temperature", "0", "--redis-url",
+                 redis_server.url, "--prefix", "cli", "--job-id", "cli-1", "--timeout", "20"])
+    producer.join()
+    assert code == 0
+    assert capsys.readouterr().out == "Hello, world\n"
+    job = parse_job(read_stream(redis_server.client(), keys.jobs)[0][1]["job"], 1 << 20)
+    assert (job.id, job.prompt) == ("cli-1", "Say hello")
+    assert job.params.sampling_kwargs() == {"max_tokens": 4, "temperature": 0.0}
+
+
+def test_final_text_with_messages(redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = Keys()
+    events = _deltas()
+    events[-1] = DoneEvent(finish_reason="length", text="whole text", token_ids=[1],
+                           usage={"prompt_tokens": 2, "completion_tokens": 1})  # type: ignore[arg-type]
+    producer = _fake_producer(redis_server, keys, "cli-2", events)
+    code = main(["--messages-json", '[{"role": "user", "content": "hi"}]', "--redis-url", redis_server.url,
+                 "--job-id", "cli-2", "--timeout", "20"])
+    producer.join()
+    assert code == 0 and capsys.readouterr().out == "whole text\n"
+    job = parse_job(read_stream(redis_server.client(), keys.jobs)[0][1]["job"], 1 << 20)
+    assert job.messages is not None and job.messages[0].content == "hi"
+
+
+def test_bad_arguments_exit_2(redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["x", "--max-tokens", "0", "--redis-url", redis_server.url]) == 2
+    assert "params.max_tokens" in capsys.readouterr().err
+    assert main(["--redis-url", redis_server.url]) == 2  # no prompt at all
+    assert "exactly one of prompt" in capsys.readouterr().err
+    assert redis_server.client().xlen(Keys().jobs) == 0
+
+
+def test_error_event_exits_nonzero_in_subprocess(redis_server: RedisServer) -> None:
+    keys = Keys("sub")
+    producer = _fake_producer(redis_server, keys, "cli-3",
+                              [TokenEvent(index=0, token_ids=[1], text="par"),
+                               ErrorEvent(code="internal", message="worker lost the GPU")])
+    env = {**os.environ, "TOKENRELAY_REDIS_URL": redis_server.url, "TOKENRELAY_PREFIX": "sub"}
+    proc = subprocess.run([sys.executable, "-m", "api_client", "go", "--stream", "--job-id", "cli-3",
+                           "--timeout", "20"], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=60)
+    producer.join()
+    assert proc.returncode == 1
+    assert proc.stdout == "par"
+    assert "error (internal): worker lost the GPU" in proc.stderr

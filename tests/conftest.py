@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before any test module
+# imports kernels/: without a GPU the kernels run under the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.tiny_models import ARCHITECTURES, make_tiny_model
+
+pytest_plugins = ["tests.helpers.redis_server"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny random checkpoint per supported architecture, made once per test session."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["qwen3"]

@@ -1,0 +1,77 @@
+"""The model wired to the fused kernels (residual stream, in-place q/k, shared RoPE table) computes
+what the torch path computes. Both paths are forced, so this runs on the CPU (kernels under the
+interpreter) and on a GPU alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine.models.layers
+import engine.models.llama
+from engine.attention import AttentionMetadata
+from engine.loader import load_hf_config, load_model
+from engine.models import LlamaForCausalLM
+from engine.models.llama import LlamaDecoderLayer
+from tests.helpers.tiny_models import make_tiny_model
+
+
+def _layers(model: LlamaForCausalLM) -> list[LlamaDecoderLayer]:
+    return [layer for layer in model.model.layers if isinstance(layer, LlamaDecoderLayer)]
+
+
+def _bind_cache(model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device) -> None:
+    cfg = model.config
+    for layer in _layers(model):
+        attn = layer.self_attn.attn
+        attn.k_cache = torch.zeros(num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim, device=device)
+        attn.v_cache = torch.zeros_like(attn.k_cache)
+
+
+def _prefill_then_decode(model: LlamaForCausalLM, prompt: list[int], next_id: int, device: torch.device
+                         ) -> list[torch.Tensor]:
+    """Hidden states of a prompt's prefill and of one decode step over the cache it wrote."""
+    block_size, num_tokens = 16, len(prompt)
+    _bind_cache(model, num_blocks=4, block_size=block_size, device=device)
+    block_tables = torch.tensor([[2, 0, 3, 1]], dtype=torch.int32)
+    outs = []
+    for ids, start in ((prompt, 0), ([next_id], num_tokens)):
+        positions = torch.arange(start, start + len(ids))
+        slots = block_tables[0, positions // block_size].long() * block_size + positions % block_size
+        meta = AttentionMetadata(slot_mapping=slots.to(device),
+                                 query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32, device=device),
+                                 seq_lens=torch.tensor([start + len(ids)], dtype=torch.int32, device=device),
+                                 block_tables=block_tables.to(device), max_query_len=len(ids),
+                                 max_seq_len=start + len(ids))
+        with torch.inference_mode():
+            outs.append(model(torch.tensor(ids, device=device), positions.to(device), meta))
+    return outs
+
+
+def _load(model_dir: Path, device: torch.device, is_fused: bool, monkeypatch: pytest.MonkeyPatch
+          ) -> LlamaForCausalLM:
+    with monkeypatch.context() as patch:
+        for module in (engine.models.layers, engine.models.llama):
+            patch.setattr(module, "use_fused_kernels", lambda device: is_fused)
+        return load_model(model_dir, load_hf_config(str(model_dir)), torch.float32, device)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_fused_model_matches_torch_path(arch: str, tmp_path: Path, device: torch.device,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = make_tiny_model(arch, tmp_path / arch)
+    plain = _load(model_dir, device, False, monkeypatch)
+    fused = _load(model_dir, device, True, monkeypatch)
+    fused_layers = _layers(fused)
+    assert len(fused_layers) == fused.config.num_layers >= 2
+    rotary = fused_layers[0].self_attn.rotary_emb
+    assert rotary.is_fused and fused.model.norm.is_fused and fused_layers[0].mlp.is_fused
+    assert all(layer.self_attn.rotary_emb is rotary for layer in fused_layers), "one shared table"
+    assert not plain.model.norm.is_fused and not _layers(plain)[0].self_attn.rotary_emb.is_fused
+    prompt = [5, 17, 3, 99, 42, 7, 8, 120, 64, 1, 2, 33, 71, 90, 11, 12, 13, 14]  # crosses a block
+    expected = _prefill_then_decode(plain, prompt, next_id=23, device=device)
+    got = _prefill_then_decode(fused, prompt, next_id=23, device=device)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,76 @@
+"""Worker loops end when cancelled, even when the cancel reaches them disguised as a timeout.
+
+asyncio.timeout() (used by redis-py for every socket wait) turns a cancel that lands as its deadline
+expires into TimeoutError; a retry loop catching TimeoutError/OSError would then run forever and the
+worker would never exit on SIGTERM. These tests hand the loops exactly that disguised cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.aio import cancel_requested
+from worker.app import Worker
+
+pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is Python 3.11+")
+
+
+class DisguisedCancel:
+    """A body that turns the first cancel it receives into redis' TimeoutError, then behaves."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.disguised = 0
+
+    async def __call__(self) -> None:
+        self.calls += 1
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError as exc:
+            if self.disguised:
+                raise
+            self.disguised += 1
+            raise RedisTimeoutError("Timeout reading from redis") from exc
+
+
+def test_cancel_requested_sees_a_swallowed_cancel() -> None:
+    async def main() -> tuple[bool, bool]:
+        seen: list[bool] = []
+
+        async def victim() -> None:
+            seen.append(cancel_requested())
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass  # swallowed, as a timeout context would
+            seen.append(cancel_requested())
+
+        task = asyncio.create_task(victim())
+        await asyncio.sleep(0)
+        task.cancel()
+        await task
+        return seen[0], seen[1]
+
+    before, after = asyncio.run(main())
+    assert (before, after) == (False, True)
+
+
+def test_every_loop_ends_on_a_cancel_disguised_as_timeout() -> None:
+    async def main() -> tuple[bool, int]:
+        body = DisguisedCancel()
+        task = asyncio.create_task(Worker._every(0.01, body))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=1.0)
+        ended = task in done
+        if not ended:  # without the fix the loop goes on: stop it for real so the test can report
+            task.cancel()
+            await asyncio.wait([task], timeout=1.0)
+        return ended, body.disguised
+
+    ended, disguised = asyncio.run(main())
+    assert disguised == 1
+    assert ended, "the loop retried a cancel that arrived as a TimeoutError"

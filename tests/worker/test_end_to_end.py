@@ -1,0 +1,85 @@
+"""End to end: 200 jobs from another process against a running `python -m worker`, and a worker behind a
+slow Redis whose engine keeps stepping while the publisher lags (deltas coalesce)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from api_client import Client
+from engine import EngineConfig, SamplingParams
+from engine.llm_engine import LLMEngine
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.slow_proxy import SlowProxy
+from tests.worker.conftest import (
+    KEYS,
+    PREFIX,
+    InProcessWorker,
+    assert_contiguous,
+    events,
+    settings_for,
+    spawn_worker,
+    wait_final,
+    wait_until,
+)
+
+NUM_JOBS = 200
+
+
+def test_200_jobs_each_get_exactly_one_done_equal_to_llm_engine(
+        redis_server: RedisServer, model_dir: Path, tmp_path: Path) -> None:
+    prompts = [f"request {i}: " + "the quick brown fox "[: 3 + i % 17] for i in range(NUM_JOBS)]
+    max_tokens = [4 + i % 9 for i in range(NUM_JOBS)]
+    worker = spawn_worker(redis_server.url, model_dir, log_path=tmp_path / "worker.log")
+    try:
+        client = Client(redis_server.url, prefix=PREFIX)
+        job_ids = [client.submit(p, job_id=f"job-{i}", max_tokens=m, temperature=0)
+                   for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
+        engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=128, max_num_seqs=16,
+                                        max_num_batched_tokens=512, max_model_len=256))
+        expected = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens])
+        raw = client.redis
+        for job_id, want in zip(job_ids, expected, strict=True):
+            evs = wait_final(raw, job_id, timeout_s=120)
+            tokens = assert_contiguous(evs)
+            assert sum(e.type in ("done", "error") for e in evs) == 1
+            done = evs[-1]
+            assert done.type == "done", (job_id, done)
+            assert tokens == want.token_ids and done.token_ids == want.token_ids, job_id
+            assert done.text == want.text and done.finish_reason == want.finish_reason, job_id
+            assert "".join(e.text for e in evs[:-1]) == done.text
+        assert raw.xpending(KEYS.jobs, KEYS.group)["pending"] == 0
+        client.close()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+
+
+def test_slow_redis_does_not_slow_the_engine_loop(
+        redis_server: RedisServer, model_dir: Path, reference: Callable[[str, dict[str, Any]], tuple[list[int], str]],
+        start_worker: Callable[..., InProcessWorker]) -> None:
+    params = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    prompts = {"s0": "slow redis zero", "s1": "slow redis one"}
+    with SlowProxy(redis_server.port, latency_s=0.1) as proxy:
+        client: Any = redis_server.client()  # the test itself talks to Redis directly
+        worker = start_worker(settings_for(proxy.url, model_dir, max_model_len=512))
+        for job_id, prompt in prompts.items():
+            client.xadd(KEYS.jobs, {"job": f'{{"id": "{job_id}", "prompt": "{prompt}", '
+                                           f'"params": {{"max_tokens": 200, "temperature": 0, "ignore_eos": true}}}}'})
+        # While the first delta is still on its way through the proxy, the engine is already far ahead.
+        wait_until(lambda: len(events(client, "s0")) >= 1, timeout_s=120, what="the first token event")
+        engine = worker.worker.engine
+        wait_until(lambda: engine.stats().num_generated_tokens >= 2 * params["max_tokens"], timeout_s=120,
+                   what="the engine to finish generating")
+        published_when_engine_done = sum(len(e.token_ids) for j in prompts for e in events(client, j)
+                                         if e.type == "token")
+        assert published_when_engine_done < 2 * params["max_tokens"], "the engine waited for Redis"
+        for job_id, prompt in prompts.items():
+            evs = wait_final(client, job_id, timeout_s=120)
+            assert assert_contiguous(evs) == reference(prompt, params)[0]
+            num_token_events = sum(e.type == "token" for e in evs)
+            assert num_token_events < params["max_tokens"] / 4, "deltas were not coalesced"
+        assert worker.worker.publisher.num_batches * 4 < engine.stats().num_steps
+        assert worker.stop() == 0  # while the proxy is still up

@@ -1,0 +1,109 @@
+"""WorkerSettings from TOKENRELAY_* variables, their validation, and the `python -m worker` CLI surface."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from tests.helpers.redis_server import RedisServer
+from tests.worker.conftest import REPO_ROOT, worker_env
+from worker.settings import WorkerSettings
+
+
+def test_env_vars_fill_settings_and_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"REDIS_URL": "rediss://app:s3cret@redis.example:6380/2", "MODEL": "/models/qwen",
+                        "PREFIX": "tr", "CONSUMER": "gpu-0", "LEASE_S": "12.5", "MAX_NUM_SEQS": "8",
+                        "MAX_NUM_BATCHED_TOKENS": "64", "SCHEDULING_POLICY": "priority",
+                        "ENABLE_PREFIX_CACHING": "false", "MAX_MODEL_LEN": "512", "METRICS_PORT": "0"}.items():
+        monkeypatch.setenv(f"TOKENRELAY_{name}", value)
+    settings = WorkerSettings()
+    assert settings.redis_url.startswith("rediss://app:s3cret@") and settings.lease_ms == 12500
+    assert settings.keys.jobs == "tr:jobs" and settings.consumer == "gpu-0"
+    config = settings.to_engine_config()
+    assert (config.model, config.max_num_seqs, config.max_num_batched_tokens) == ("/models/qwen", 8, 64)
+    assert config.scheduling_policy == "priority" and config.enable_prefix_caching is False
+    assert config.max_model_len == 512
+
+
+def test_defaults_work_and_consumer_defaults_to_the_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    for key in list(__import__("os").environ):
+        if key.startswith("TOKENRELAY_"):
+            monkeypatch.delenv(key)
+    settings = WorkerSettings()
+    assert settings.consumer == socket.gethostname()
+    assert settings.block_ms / 1000 < settings.socket_timeout_s / 2
+    with pytest.raises(ValueError, match="TOKENRELAY_MODEL=/path/to/hf/dir"):
+        settings.to_engine_config()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"block_ms": 6000, "socket_timeout_s": 10}, "block_ms"),
+    ({"redis_url": "http://localhost:6379"}, "redis://"),
+    ({"prefix": "has space"}, "prefix"),
+    ({"lease_s": 0}, "lease_s"),
+    ({"metrics_port": 70000}, "metrics_port"),
+])
+def test_bad_settings_are_refused_with_the_field_named(overrides: dict[str, object], match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        WorkerSettings(**overrides)  # type: ignore[arg-type]
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker", *args], cwd=REPO_ROOT, env=env, text=True,
+                          capture_output=True, timeout=120)
+
+
+def test_help_lists_every_setting_with_default_and_description() -> None:
+    result = run_cli("--help", env=worker_env("redis://localhost:1/0", None))
+    assert result.returncode == 0
+    for name, field in WorkerSettings.model_fields.items():
+        assert f"TOKENRELAY_{name.upper()}" in result.stdout
+        assert field.description and field.description in result.stdout
+    assert "default 30.0" in result.stdout  # lease_s
+
+
+def test_no_model_exits_with_how_to_name_one() -> None:
+    result = run_cli(env=worker_env("redis://localhost:1/0", None))
+    assert result.returncode == 2
+    assert "TOKENRELAY_MODEL=/path/to/hf/dir" in result.stderr
+
+
+def test_check_fails_without_a_heartbeat_and_passes_with_one(redis_server: RedisServer) -> None:
+    env = worker_env(redis_server.url, None)
+    result = run_cli("--check", env=env)
+    assert result.returncode == 1 and "no live worker heartbeat" in result.stderr
+    redis_server.client().set("trtest:worker:w9", '{"jobs": 0, "time": 0}', ex=30)
+    result = run_cli("--check", env=env)
+    assert result.returncode == 0 and "w9" in result.stdout
+    result = run_cli("--check", env=worker_env("redis://127.0.0.1:1/0", None, socket_timeout_s=1, block_ms=100))
+    assert result.returncode == 1 and "cannot reach Redis" in result.stderr
+
+
+def test_wrong_redis_password_exits_2_without_retrying_forever(model_dir: Path) -> None:
+    with RedisServer() as server:
+        server.client().config_set("requirepass", "s3cret")  # from now on, only with the password
+        url = server.url.replace("redis://", "redis://:wrong@")
+        result = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=worker_env(url, model_dir),
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "credentials" in result.stderr
+    assert ":wrong@" not in result.stderr + result.stdout  # the password is never echoed
+
+
+def test_sigterm_while_the_model_loads_exits_0(model_dir: Path, redis_server: RedisServer) -> None:
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "worker"], cwd=REPO_ROOT,
+                               env=worker_env(redis_server.url, model_dir),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # imports torch and loads the model for a few seconds: still starting
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr.decode()[-2000:]

@@ -1,0 +1,306 @@
+"""Worker: the lifecycle of `python -m worker` (startup, run, drain on SIGTERM, hand-back, close).
+
+All Redis I/O runs here in asyncio on the main thread; the engine steps in its own thread and only ever
+meets this side through submit/abort and the publisher's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker import health
+from worker.aio import cancel_requested
+from worker.intake import Intake, JobTable
+from worker.lua import Scripts
+from worker.metrics import Metrics
+from worker.publisher import Publisher
+from worker.recovery import Recovery
+from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+    from worker.intake import Entry
+
+logger = logging.getLogger("tokenrelay.worker")
+
+HAND_BACK_TIMEOUT_S = 10.0  # after the drain: time for aborted jobs to reach Redis as hand-backs
+LOOP_EXIT_TIMEOUT_S = 5.0  # cancelled background loops must end within this
+STUCK_STOP_SLACK_S = 60.0  # a stop still running this long after drain + hand-back dumps every stack
+MAX_BACKOFF_S = 2.0
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, engine: AsyncEngine | None = None, *, burst: bool = False) -> None:
+        if engine is None:
+            from engine.async_engine import AsyncEngine
+
+            engine = AsyncEngine(settings.to_engine_config())  # loads the model: slow
+        self.settings = settings
+        self.engine = engine
+        self.burst = burst
+        self.keys = settings.keys
+        self.redis: Redis = Redis.from_url(
+            settings.redis_url, socket_timeout=settings.socket_timeout_s,
+            socket_connect_timeout=settings.socket_timeout_s, health_check_interval=30)
+        self.scripts = Scripts(self.redis, self.keys.jobs, self.keys.dead, self.keys.group, settings.consumer)
+        self.metrics = Metrics()
+        self.table = JobTable()
+        self.publisher = Publisher(self.redis, self.keys, self.scripts, self.table, engine, self.metrics,
+                                   settings.result_ttl_s)
+        self.intake = Intake(self.redis, settings, self.table, engine, self.publisher)
+        self.recovery = Recovery(self.redis, self.keys, self.scripts, settings.consumer, settings.lease_ms)
+        self.exit_code = 0
+        self.celery_door: Any = None  # worker.celery_door.CeleryDoor when celery_queue is set
+        self._stopping = asyncio.Event()
+        self._fast_stop = False  # a second signal: skip the drain, hand everything back now
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def request_stop(self, exit_code: int = 0) -> None:
+        if self._stopping.is_set():
+            self._fast_stop = True
+        self.exit_code = self.exit_code or exit_code
+        if not self._stopping.is_set():
+            # If the stop itself gets stuck, the log says where (every thread's stack), unprompted.
+            faulthandler.dump_traceback_later(self.settings.drain_timeout_s + 2 * HAND_BACK_TIMEOUT_S
+                                              + STUCK_STOP_SLACK_S)
+        self._stopping.set()
+
+    @property
+    def is_stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> int:
+        """Serve until stopped (signal, burst done, or the engine died); returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.request_stop)
+        self.engine.start()
+        await self._startup()
+        publisher = asyncio.create_task(self.publisher.run(), name="publisher")
+        loops = [asyncio.create_task(coro, name=name) for name, coro in (
+            ("intake", self._intake_loop()),
+            ("renew", self._every(self.settings.lease_s / 3, self._renew)),
+            ("reclaim", self._every(self.settings.lease_s / 3, self._reclaim)),
+            ("trim", self._every(self.settings.lease_s, self._trim)),
+            ("cancel", self._every(self.settings.cancel_check_ms / 1000, self._check_cancel)),
+            ("heartbeat", self._every(self.settings.heartbeat_ttl_s / 3, self._heartbeat)),
+            ("metrics", self._every(self.settings.metrics_interval_s, self._update_metrics)),
+            ("watchdog", self._every(0.5, self._watch_engine)),
+        )]
+        try:
+            await self._stopping.wait()
+            # Celery tasks still waiting go back to their broker while our own jobs drain.
+            door_stopped = asyncio.create_task(self._stop_celery_door())
+            await self._drain(loops[0])
+            await door_stopped
+            await self._hand_back_rest()
+        finally:
+            for task in loops:
+                task.cancel()
+            self.publisher.queue.put_nowait(None)
+            try:
+                await asyncio.wait_for(publisher, HAND_BACK_TIMEOUT_S)
+            except (TimeoutError, RedisError, OSError):
+                logger.warning("publisher did not finish; %d jobs stay pending for another worker",
+                               len(self.table))
+            _, stuck = await asyncio.wait(loops, timeout=LOOP_EXIT_TIMEOUT_S)
+            if stuck:
+                logger.error("loops did not stop when cancelled: %s", sorted(t.get_name() for t in stuck))
+            await self.close()
+            faulthandler.cancel_dump_traceback_later()
+        return self.exit_code
+
+    async def _startup(self) -> None:
+        self.metrics.serve(self.settings.metrics_port)
+        await self._retrying("startup", self.intake.ensure_group)
+        await self._heartbeat()
+        if self.settings.celery_queue:
+            from worker.celery_door import start_celery_door
+
+            self.celery_door = await asyncio.to_thread(start_celery_door, self.settings)
+        own = cast("list[Entry]", await self._retrying("startup", self.recovery.claim_own_pending))
+        if own:
+            await self.intake.admit(own)
+        logger.info("worker ready consumer=%s prefix=%s max_num_seqs=%d lease_s=%s burst=%s",
+                    self.settings.consumer, self.settings.prefix, self.settings.max_num_seqs,
+                    self.settings.lease_s, self.burst)
+
+    async def _drain(self, intake: asyncio.Task[None]) -> None:
+        """Stop taking work (the intake finishes its current read), let running jobs end in time."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(intake, self.settings.block_ms / 1000 + self.settings.socket_timeout_s)
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        if self.table and not self._fast_stop:
+            logger.info("draining %d jobs (drain_timeout_s=%s)", len(self.table), self.settings.drain_timeout_s)
+        while self.table and not self._fast_stop and time.monotonic() < deadline:
+            await self.table.wait_changed(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    async def _hand_back_rest(self) -> None:
+        """Abort what is still running; the publisher flushes its tokens and re-queues each job at
+        the tail of {p}:jobs (re-XADD + XACK in one script), so another worker starts it at once and
+        resumes after the published tokens."""
+        for job in self.table:
+            if job.abort_reason is None:
+                job.abort_reason = "handback"
+                self.engine.abort(job.job_id)
+        deadline = time.monotonic() + HAND_BACK_TIMEOUT_S
+        while self.table and time.monotonic() < deadline:
+            await self.table.wait_changed(0.2)
+
+    async def _stop_celery_door(self) -> None:
+        door, self.celery_door = self.celery_door, None
+        if door is not None:
+            await asyncio.to_thread(door.stop)
+
+    async def close(self) -> None:
+        await self._stop_celery_door()
+        with contextlib.suppress(RedisError, OSError):
+            await health.clear(self.redis, self.keys, self.settings.consumer)
+        self.metrics.close()
+        await asyncio.to_thread(self.engine.shutdown)
+        await self.redis.aclose()
+        logger.info("worker stopped consumer=%s exit_code=%d", self.settings.consumer, self.exit_code)
+
+    # ---- loops -------------------------------------------------------------------------------
+    async def _intake_loop(self) -> None:
+        backoff_s = 0.05
+        while not self.is_stopping:
+            try:
+                room = self.intake.room
+                if room <= 0:
+                    await self.table.wait_changed(self.settings.block_ms / 1000)
+                    continue
+                block_ms = min(self.settings.block_ms, 200) if self.burst else self.settings.block_ms
+                entries = await self.intake.read(room, block_ms)
+                if entries:
+                    await self.intake.admit(entries)
+                elif self.burst and not self.table and await self._queue_is_idle():
+                    logger.info("burst: queue empty and nothing running: stopping")
+                    self.request_stop()
+                backoff_s = 0.05
+            except (RedisError, OSError) as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
+                # Entries read but not admitted stay in our PEL: XAUTOCLAIM picks them up after lease_s.
+                logger.warning("intake: %s; retrying in %.2fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
+            except Exception:  # a bug must not stop the intake for good
+                logger.exception("intake failed; retrying in %.2fs", MAX_BACKOFF_S)
+                await asyncio.sleep(MAX_BACKOFF_S)
+
+    async def _queue_is_idle(self) -> bool:
+        entries = await self.recovery.reclaim(self.intake.room)
+        if entries:
+            await self.intake.admit(entries)
+            return False
+        return not await self.recovery.has_pending()
+
+    async def _renew(self) -> None:
+        for job_id in await self.recovery.renew(self.table):
+            job = self.table.get(job_id)
+            if job is not None and job.abort_reason != "lost":
+                logger.warning("job=%s event=lost reason=lease_taken_over", job_id)
+                job.abort_reason = "lost"
+                self.engine.abort(job_id)
+
+    async def _reclaim(self) -> None:
+        if not self.is_stopping:
+            entries = await self.recovery.reclaim(self.intake.room)
+            if entries:
+                await self.intake.admit(entries)
+
+    async def _trim(self) -> None:
+        """Drop served entries from {p}:jobs. Delivery is in id order, so every entry older than both
+        the group's last delivered entry and its oldest pending one has been acknowledged."""
+        groups = await self.redis.xinfo_groups(self.keys.jobs)
+        group = next((g for g in groups if _text(g.get("name")) == self.keys.group), None)
+        if group is None:
+            return
+        threshold = _text(group["last-delivered-id"])
+        pending = await self.redis.xpending(self.keys.jobs, self.keys.group)
+        if pending["pending"]:
+            threshold = min(threshold, _text(pending["min"]), key=_stream_id)
+        if threshold != "0-0":
+            await self.redis.xtrim(self.keys.jobs, minid=threshold, approximate=False)
+
+    async def _check_cancel(self) -> None:
+        """One MGET for every running job's cancel key; deadlines of jobs not started yet."""
+        jobs = [job for job in self.table if job.abort_reason is None]
+        if not jobs:
+            return
+        flags = await self.redis.mget([self.keys.cancel(job.job_id) for job in jobs])
+        now_ms = time.time() * 1000
+        for job, flag in zip(jobs, flags, strict=True):
+            if flag is not None:
+                job.abort_reason = "cancelled"
+            elif job.job.deadline_ms is not None and not job.token_ids and now_ms > job.job.deadline_ms:
+                job.abort_reason = "expired"
+            if job.abort_reason is not None:
+                logger.info("job=%s event=abort reason=%s", job.job_id, job.abort_reason)
+                self.engine.abort(job.job_id)
+
+    async def _heartbeat(self) -> None:
+        value = health.heartbeat_value(self.settings.consumer, len(self.table), self.engine.stats())
+        await health.beat(self.redis, self.keys, self.settings.consumer, self.settings.heartbeat_ttl_s, value)
+
+    async def _update_metrics(self) -> None:
+        self.metrics.update_engine(self.engine.stats(), len(self.table))
+        groups = await self.redis.xinfo_groups(self.keys.jobs)
+        group = self.keys.group.encode()
+        self.metrics.update_queue(next((g for g in groups if g.get("name") == group), None))
+
+    async def _watch_engine(self) -> None:
+        if self.engine.error is not None and not self.is_stopping:
+            logger.error("the engine loop died (%r): handing jobs back and exiting", self.engine.error)
+            self.request_stop(exit_code=1)
+
+    @staticmethod
+    async def _every(interval_s: float, body: Callable[[], Awaitable[None]]) -> None:
+        """Run `body` every interval until cancelled (leases, cancel checks and heartbeats must go on
+        while draining); a Redis error is logged, never fatal."""
+        while True:
+            try:
+                await body()
+            except (RedisError, OSError) as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
+                logger.warning("%s: %s", getattr(body, "__name__", "loop"), exc)
+            except Exception:
+                logger.exception("%s failed", getattr(body, "__name__", "loop"))
+            await asyncio.sleep(interval_s)
+
+    async def _retrying(self, what: str, body: Callable[[], Awaitable[object]]) -> object:
+        backoff_s = 0.1
+        while True:
+            try:
+                return await body()
+            except (AuthenticationError, AuthorizationError):
+                raise  # wrong credentials never heal by waiting: `python -m worker` exits 2
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self.is_stopping or cancel_requested():
+                    raise
+                logger.warning("%s: Redis unreachable (%s); retrying in %.1fs", what, exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,169 @@
+"""The Lua scripts that make the worker's writes atomic, and typed async wrappers around them.
+
+Each write first checks that this consumer still owns the job's pending entry and reads the result
+stream's last event, so a zombie worker can neither duplicate tokens nor write a second final event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from api_client.keys import CODE_FIELD, EVENT_FIELD, JOB_FIELD, JOB_ID_FIELD, REASON_FIELD
+
+# Extra field of a {p}:jobs entry written by a hand-back: earlier deliveries that ended badly.
+REDELIVERIES_FIELD = "redeliveries"
+
+# {p}:dead keeps about this many newest dead letters (XADD MAXLEN ~): a flood of bad jobs cannot grow
+# it without bound.
+DEAD_MAXLEN = 10_000
+
+# Return codes shared by the scripts (also the Python side's vocabulary).
+WRITTEN = 1
+ALREADY = 0  # token delta already published / final event already present (the job is then acked)
+FINAL_EXISTS = -1
+NOT_OWNER = -2
+GAP = -3  # the delta starts after the stream's next index: tokens would be missing
+OVERLAP = -4  # the delta straddles the stream's next index: part of it would be duplicated
+
+_HELPERS = f"""
+local function owned(jobs, group, entry_id, consumer)
+  local pel = redis.pcall('XPENDING', jobs, group, entry_id, entry_id, 1)
+  if type(pel) ~= 'table' or pel.err or #pel == 0 then return false end
+  return pel[1][2] == consumer
+end
+local function last_event(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #last == 0 then return nil end
+  local fields = last[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == '{EVENT_FIELD}' then return cjson.decode(fields[i + 1]) end
+  end
+  return nil
+end
+"""
+
+# KEYS: result, jobs. ARGV: group, entry_id, consumer, index, num_tokens, event_json, ttl_s.
+# Returns {code, next_index}.
+_PUBLISH_TOKENS = _HELPERS + f"""
+if not owned(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return {{{NOT_OWNER}, -1}} end
+local next_index = 0
+local ev = last_event(KEYS[1])
+if ev then
+  if ev['type'] ~= 'token' then return {{{FINAL_EXISTS}, -1}} end
+  next_index = ev['index'] + #ev['token_ids']
+end
+local index = tonumber(ARGV[4])
+local num_tokens = tonumber(ARGV[5])
+if index + num_tokens <= next_index then return {{{ALREADY}, next_index}} end
+if index < next_index then return {{{OVERLAP}, next_index}} end
+if index > next_index then return {{{GAP}, next_index}} end
+redis.call('XADD', KEYS[1], '*', '{EVENT_FIELD}', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return {{{WRITTEN}, index + num_tokens}}
+"""
+
+# KEYS: result, jobs, dead. ARGV: group, entry_id, consumer, event_json, ttl_s, num_tokens,
+# [raw_job, job_id, code, reason]. num_tokens >= 0 (a done event): the published tokens must number
+# exactly that many. The dead letter is written only with a new final event. Acks the entry.
+_PUBLISH_FINAL = _HELPERS + f"""
+if not owned(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return {NOT_OWNER} end
+local ev = last_event(KEYS[1])
+if ev and ev['type'] ~= 'token' then
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  return {ALREADY}
+end
+local num_tokens = tonumber(ARGV[6])
+if num_tokens >= 0 then
+  local next_index = 0
+  if ev then next_index = ev['index'] + #ev['token_ids'] end
+  if next_index ~= num_tokens then return {GAP} end
+end
+redis.call('XADD', KEYS[1], '*', '{EVENT_FIELD}', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+if #ARGV >= 10 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', {DEAD_MAXLEN}, '*', '{JOB_FIELD}', ARGV[7], '{JOB_ID_FIELD}', ARGV[8],
+             '{CODE_FIELD}', ARGV[9], '{REASON_FIELD}', ARGV[10])
+end
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+return {WRITTEN}
+"""
+
+# KEYS: jobs, dead. ARGV: group, entry_id, consumer, raw_job, job_id, code, reason.
+# For a job whose id cannot be read: no result stream to write to, only the dead letter and the ack.
+_DEAD_LETTER = _HELPERS + f"""
+if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return {NOT_OWNER} end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', {DEAD_MAXLEN}, '*', '{JOB_FIELD}', ARGV[4], '{JOB_ID_FIELD}', ARGV[5],
+           '{CODE_FIELD}', ARGV[6], '{REASON_FIELD}', ARGV[7])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return {WRITTEN}
+"""
+
+# KEYS: jobs. ARGV: group, entry_id, consumer, raw_job, job_id, redeliveries.
+# Hand a job back (shutdown): a new entry at the end of the queue and the ack of the old one, at once,
+# so any worker's XREADGROUP takes it immediately. The job id travels along (the payload may lack one).
+_HAND_BACK = _HELPERS + f"""
+if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return {NOT_OWNER} end
+redis.call('XADD', KEYS[1], '*', '{JOB_FIELD}', ARGV[4], '{JOB_ID_FIELD}', ARGV[5],
+           '{REDELIVERIES_FIELD}', ARGV[6])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return {WRITTEN}
+"""
+
+# KEYS: jobs. ARGV: group, consumer, entry_id... Renews the lease (resets the idle time without
+# bumping the delivery count) of the entries this consumer still owns; returns the ones it lost.
+_RENEW = _HELPERS + """
+local lost = {}
+for i = 3, #ARGV do
+  if owned(KEYS[1], ARGV[1], ARGV[i], ARGV[2]) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+
+class Scripts:
+    """The scripts registered on one client. The *_args helpers return (keys, args) so that a call
+    can be queued on a pipeline: `await scripts.publish_tokens(keys=k, args=a, client=pipe)`."""
+
+    def __init__(self, redis: Redis, jobs_key: str, dead_key: str, group: str, consumer: str) -> None:
+        self.jobs_key = jobs_key
+        self.dead_key = dead_key
+        self.group = group
+        self.consumer = consumer
+        self.publish_tokens: AsyncScript = redis.register_script(_PUBLISH_TOKENS)
+        self.publish_final: AsyncScript = redis.register_script(_PUBLISH_FINAL)
+        self.dead_letter: AsyncScript = redis.register_script(_DEAD_LETTER)
+        self.hand_back: AsyncScript = redis.register_script(_HAND_BACK)
+        self.renew: AsyncScript = redis.register_script(_RENEW)
+
+    def tokens_args(self, result_key: str, entry_id: str, index: int, num_tokens: int, event_json: str,
+                    ttl_s: int) -> tuple[list[str], list[Any]]:
+        return ([result_key, self.jobs_key],
+                [self.group, entry_id, self.consumer, index, num_tokens, event_json, ttl_s])
+
+    def final_args(self, result_key: str, entry_id: str, event_json: str, ttl_s: int, num_tokens: int = -1,
+                   dead: tuple[bytes, str, str, str] | None = None) -> tuple[list[str], list[Any]]:
+        args: list[Any] = [self.group, entry_id, self.consumer, event_json, ttl_s, num_tokens]
+        if dead is not None:
+            args.extend(dead)
+        return [result_key, self.jobs_key, self.dead_key], args
+
+    def dead_letter_args(self, entry_id: str, raw: bytes, job_id: str, code: str,
+                         reason: str) -> tuple[list[str], list[Any]]:
+        return [self.jobs_key, self.dead_key], [self.group, entry_id, self.consumer, raw, job_id, code, reason]
+
+    def hand_back_args(self, entry_id: str, raw: bytes, job_id: str,
+                       redeliveries: int) -> tuple[list[str], list[Any]]:
+        return [self.jobs_key], [self.group, entry_id, self.consumer, raw, job_id, redeliveries]
+
+    async def renew_leases(self, entry_ids: list[str]) -> list[str]:
+        """Renew this consumer's entries; returns the ids it no longer owns."""
+        if not entry_ids:
+            return []
+        lost = await self.renew(keys=[self.jobs_key], args=[self.group, self.consumer, *entry_ids])
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in lost]

@@ -1,0 +1,132 @@
+"""WorkerSettings: every knob of `python -m worker`, read once from TOKENRELAY_* environment variables.
+
+Durations carry their unit in the name; `to_engine_config()` hands the engine knobs to EngineConfig."""
+
+from __future__ import annotations
+
+import socket
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from api_client.keys import DEFAULT_PREFIX, Keys
+from api_client.schema import DEFAULT_MAX_JOB_BYTES, MAX_RESULT_TTL_S
+from engine.config import EngineConfig
+
+ENV_PREFIX = "TOKENRELAY_"
+
+
+def _default_consumer() -> str:
+    # Stable across restarts of the same host/container, so a restarted worker finds its own pending
+    # entries at once instead of waiting for a lease to expire.
+    return socket.gethostname() or "worker"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # ---- Redis -------------------------------------------------------------------------------
+    redis_url: str = Field(default="redis://localhost:6379/0", description=(
+        "Redis URL: redis:// or rediss:// (TLS), with user:password@ for ACL users; unset: the Redis "
+        "on localhost:6379, or a local redis-server started for the worker"))
+    prefix: str = Field(default=DEFAULT_PREFIX, description="key prefix {p} of every Redis key")
+    consumer: str = Field(default_factory=_default_consumer, description=(
+        "consumer name in the group; keep it stable across restarts (default: the host name)"))
+    socket_timeout_s: float = Field(default=10.0, gt=0, description="Redis socket timeout")
+    block_ms: int = Field(default=1000, ge=1, description=(
+        "XREADGROUP BLOCK per call; must stay well under socket_timeout_s"))
+
+    # ---- the model and the engine ------------------------------------------------------------
+    model: str | None = Field(default=None, description="local HF checkpoint directory (required)")
+    device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
+    dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    block_size: int = Field(default=16, description="tokens per KV block")
+    num_kv_blocks: int | None = Field(default=None, description="KV blocks; unset: sized from memory")
+    gpu_memory_utilization: float = Field(default=0.90, description="fraction of GPU memory the engine may use")
+    cpu_kv_cache_gb: float = Field(default=1.0, description="KV budget on the CPU when num_kv_blocks is unset")
+    max_num_seqs: int = Field(default=256, description="sequences per step (and jobs this worker holds at once)")
+    max_num_batched_tokens: int = Field(default=8192, description="token budget per step")
+    max_model_len: int | None = Field(default=None, description="context length; unset: the checkpoint's")
+    enable_prefix_caching: bool = Field(default=True, description="reuse KV blocks of shared prompt prefixes")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(default="fcfs", description=(
+        "fcfs, or priority (the job's priority field, lower runs first)"))
+    waiting_served_ratio: float | None = Field(default=None, description=(
+        "TGI admission: admit prompts when waiting >= ratio x running; unset: always"))
+    max_waiting_steps: int | None = Field(default=None, description="...or after this many steps without admission")
+    enforce_eager: bool = Field(default=False, description="GPU: no CUDA graphs for decode")
+    seed: int = Field(default=0, description="seeds unseeded jobs' sampling, for reproducible runs")
+
+    # ---- jobs, leases, recovery --------------------------------------------------------------
+    lease_s: float = Field(default=30.0, gt=0, description=(
+        "a job idle this long in a dead worker's hands is taken over (renewed every lease_s/3)"))
+    max_deliveries: int = Field(default=3, ge=1, description=(
+        "a job delivered more often than this gets error 'internal' and a {p}:dead entry"))
+    result_ttl_s: int = Field(default=3600, ge=1, le=MAX_RESULT_TTL_S, description=(
+        "result streams expire this long after their last event (a job's result_ttl_s wins)"))
+    max_job_bytes: int = Field(default=DEFAULT_MAX_JOB_BYTES, ge=64, description="larger jobs are rejected (too_long)")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description=(
+        "on SIGTERM, running jobs get this long to finish before they are handed back"))
+    cancel_check_ms: int = Field(default=100, ge=1, description="how often running jobs' cancel keys are checked")
+
+    # ---- the Celery door (worker/celery_door.py) ----------------------------------------------
+    celery_queue: str | None = Field(default=None, description=(
+        "serve Celery task tokenrelay.generate from this queue inside the worker; unset: no Celery"))
+    celery_broker_url: str | None = Field(default=None, description="Celery broker; unset: redis_url")
+    celery_concurrency: int = Field(default=64, ge=1, description="Celery tasks waiting on jobs at once")
+
+    # ---- health and metrics ------------------------------------------------------------------
+    heartbeat_ttl_s: float = Field(default=15.0, gt=0, description=(
+        "TTL of {p}:worker:{consumer}, refreshed every heartbeat_ttl_s/3"))
+    metrics_port: int = Field(default=9400, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    metrics_interval_s: float = Field(default=2.0, gt=0, description="how often engine and queue gauges refresh")
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerSettings:
+        Keys(self.prefix)  # raises ValueError naming the bad prefix
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        if not self.consumer or any(c.isspace() for c in self.consumer):
+            raise ValueError(f"consumer must be a non-empty name without whitespace, got {self.consumer!r}")
+        if self.block_ms / 1000 > self.socket_timeout_s / 2:
+            raise ValueError(f"block_ms={self.block_ms} must be under half of socket_timeout_s="
+                             f"{self.socket_timeout_s} so a healthy blocking read never times out")
+        if self.heartbeat_ttl_s < 1:
+            raise ValueError(f"heartbeat_ttl_s must be >= 1, got {self.heartbeat_ttl_s}")
+        return self
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    @property
+    def lease_ms(self) -> int:
+        return max(1, int(self.lease_s * 1000))
+
+    def require_model(self) -> str:
+        if not self.model:
+            raise ValueError(f"no model configured: set {ENV_PREFIX}MODEL=/path/to/hf/dir "
+                             "(a local Hugging Face checkpoint directory)")
+        return self.model
+
+    def to_engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.require_model(), device=self.device, dtype=self.dtype, block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks, gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_kv_cache_gb=self.cpu_kv_cache_gb, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching, scheduling_policy=self.scheduling_policy,
+            waiting_served_ratio=self.waiting_served_ratio, max_waiting_steps=self.max_waiting_steps,
+            enforce_eager=self.enforce_eager, seed=self.seed)
+
+
+def settings_help() -> str:
+    """One line per setting: env var, default, description (for `python -m worker --help`)."""
+    lines = []
+    for name, field in WorkerSettings.model_fields.items():
+        if field.default_factory is not None:
+            default = "<host name>" if name == "consumer" else "<computed>"
+        else:
+            default = "unset" if field.default is None else repr(field.default)
+        lines.append(f"  {ENV_PREFIX}{name.upper():<28} default {default}\n      {field.description}")
+    return "\n".join(lines)
