@@ -7,6 +7,7 @@ worker would never exit on SIGTERM. These tests hand the loops exactly that disg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import pytest
@@ -42,10 +43,8 @@ def test_cancel_requested_sees_a_swallowed_cancel() -> None:
 
         async def victim() -> None:
             seen.append(cancel_requested())
-            try:
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed, as a timeout context would
                 await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                pass  # swallowed, as a timeout context would
             seen.append(cancel_requested())
 
         task = asyncio.create_task(victim())
