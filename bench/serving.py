@@ -82,6 +82,8 @@ def start_worker(args: argparse.Namespace, redis_url: str, prefix: str, knobs: W
     settings = {"redis_url": redis_url, "prefix": prefix, "consumer": "bench", "model": args.model_dir,
                 "device": args.device, "metrics_port": 0, "lease_s": 120, "result_ttl_s": 600,
                 **knobs.engine_kwargs()}
+    if args.engine_process != "auto":
+        settings["engine_process"] = args.engine_process == "on"
     env.update({f"TOKENRELAY_{k.upper()}": str(v) for k, v in settings.items()})
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
@@ -409,6 +411,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=None, help=(
         "torch CPU threads of the worker and the offline engine (default: torch's, one per core); on a small "
         "CPU box the worker's pool competes with Redis and the client, so 1 can be much faster"))
+    p.add_argument("--engine-process", choices=["auto", "on", "off"], default="auto", help=(
+        "the worker's TOKENRELAY_ENGINE_PROCESS (auto: on for cuda, off for cpu)"))
+    p.add_argument("--compare-engine-modes", action="store_true", help=(
+        "also run the burst with the engine loop in a thread and in a child process, side by side"))
     p.add_argument("--json", default=None, help="write the report here (default: $OUT or bench/out)")
     args = p.parse_args(argv)
     quick = args.quick
@@ -487,6 +493,12 @@ def main(argv: list[str] | None = None) -> None:
                     bench.use_worker(WorkerKnobs(**{**knobs.__dict__, "max_num_batched_tokens": budget}))
                     row = bench.run(workload, rate, f"budget {budget}").summary()
                     report["budget_sweep"].append({**row, "knob": budget})
+            if args.compare_engine_modes and not args.no_worker:
+                report["burst_by_engine_mode"] = {}
+                for mode in ("off", "on"):
+                    args.engine_process = mode
+                    bench.use_worker(knobs)
+                    report["burst_by_engine_mode"][mode] = bench.run(workload, math.inf, f"burst ep={mode}").summary()
         finally:
             bench.stop_worker()
             if redis_proc is not None:
@@ -506,6 +518,10 @@ def print_report(report: dict[str, Any], out_path: Path) -> None:
     if "offline_tok_s" in report:
         print(f"offline LLMEngine.generate {report['offline_tok_s']:.0f} tok/s; through Redis at saturation "
               f"{report['burst']['tok_s']:.0f} tok/s: queue overhead ratio {report['queue_overhead_ratio']:.3f}")
+    for mode, row in report.get("burst_by_engine_mode", {}).items():
+        ratio = f" = {row['tok_s'] / report['offline_tok_s']:.3f} of offline" if "offline_tok_s" in report else ""
+        print(f"burst with engine_process={mode}: {row['tok_s']:.0f} tok/s{ratio}, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
+              f"TPOT p50 {row['tpot_p50_ms']:.0f} ms")
     header = (f"{'run':<14}{'req/s in':>9}{'tok/s':>8}{'TTFT p50/p90/p99 ms':>22}{'TPOT p50/p90/p99 ms':>22}"
               f"{'E2E p50/p90/p99 ms':>24}{'queue p50/p99 ms':>18}")
     print(header)

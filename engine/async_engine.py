@@ -1,10 +1,13 @@
 """AsyncEngine: the LLMEngine step loop in its own thread, fed through a thread-safe inbox.
 
 The loop thread is the only one that touches the scheduler and the GPU; callers submit, abort and
-read stats from any thread, and `stream()` bridges outputs into asyncio."""
+read stats from any thread, and `stream()` bridges outputs into asyncio. EngineFrontend is what the
+worker sees of an engine: this thread engine, or MPEngine (engine/mp_engine.py, the loop in a child
+process)."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import queue
@@ -35,12 +38,104 @@ class _Abort:
     request_id: str
 
 
-class AsyncEngine:
+class EngineFrontend(abc.ABC):
+    """submit / abort / stats from any thread; outputs through per-request callbacks."""
+
+    config: EngineConfig
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    error: BaseException | None
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def shutdown(self, timeout_s: float = 10.0) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def is_running(self) -> bool: ...
+
+    @abc.abstractmethod
+    def submit(
+        self,
+        request_id: str,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        resume_token_ids: list[int] | None = None,
+        on_output: OutputCallback,
+    ) -> None:
+        """Validate in the caller's thread (errors raise here), then queue for the loop."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    def num_pending(self) -> int:
+        """Requests submitted that the loop has not taken in yet (not in stats() yet)."""
+
+    async def stream(
+        self,
+        request_id: str,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        resume_token_ids: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas as the loop produces them; the last one has finish_reason."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def deliver(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+
+        self.submit(request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
+                    params=params, priority=priority, resume_token_ids=resume_token_ids,
+                    on_output=deliver)
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            # A consumer that stops early (cancelled task, break) frees the request's blocks.
+            if not finished:
+                self.abort(request_id)
+
+    def has_capacity(self) -> int:
+        """How many more requests the engine can usefully take now (sequence slots and free KV)."""
+        s = self.stats()
+        pending = self.num_pending()
+        seq_slots = s.max_num_seqs - s.num_running - s.num_waiting - pending
+        if s.num_waiting + pending > 0 and s.num_free_blocks < s.num_total_blocks // 20:
+            return 0  # prompts already queue for memory: more would only wait here, not in Redis
+        return max(0, seq_slots)
+
+
+def error_output(request_id: str, message: str) -> RequestOutput:
+    """The final output of a request the engine could not serve (rejected, or the loop died)."""
+    return RequestOutput(request_id=request_id, token_ids=[], text=message, finish_reason="abort",
+                         extra={"error": 1.0})
+
+
+class AsyncEngine(EngineFrontend):
     def __init__(self, config: EngineConfig, *, engine: LLMEngine | None = None) -> None:
         self.engine = engine if engine is not None else LLMEngine(config)
         self.config = config
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = self.engine.tokenizer
+        self.eos_token_ids = self.engine.eos_token_ids
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._callbacks: dict[str, OutputCallback] = {}
         self._num_pending = 0  # submitted, not yet taken in by the loop
@@ -81,7 +176,6 @@ class AsyncEngine:
         resume_token_ids: list[int] | None = None,
         on_output: OutputCallback,
     ) -> None:
-        """Validate in the caller's thread (errors raise here), then queue for the loop."""
         if self.error is not None:
             raise RuntimeError(f"the engine loop has died: {self.error!r}")
         request = self.engine.make_request(
@@ -94,51 +188,13 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
-    async def stream(
-        self,
-        request_id: str,
-        *,
-        prompt: str | None = None,
-        prompt_token_ids: list[int] | None = None,
-        messages: list[dict[str, str]] | None = None,
-        params: SamplingParams | None = None,
-        priority: int = 0,
-        resume_token_ids: list[int] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's deltas as the loop produces them; the last one has finish_reason."""
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-        def deliver(out: RequestOutput) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, out)
-
-        self.submit(request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
-                    params=params, priority=priority, resume_token_ids=resume_token_ids,
-                    on_output=deliver)
-        finished = False
-        try:
-            while not finished:
-                out = await outputs.get()
-                finished = out.finished
-                yield out
-        finally:
-            # A consumer that stops early (cancelled task, break) frees the request's blocks.
-            if not finished:
-                self.abort(request_id)
-
     # ---- load ----------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         return self._stats  # replaced whole by the loop after each step: reading it needs no lock
 
-    def has_capacity(self) -> int:
-        """How many more requests the engine can usefully take now (sequence slots and free KV)."""
-        s = self._stats
+    def num_pending(self) -> int:
         with self._pending_lock:
-            pending = self._num_pending
-        seq_slots = s.max_num_seqs - s.num_running - s.num_waiting - pending
-        if s.num_waiting + pending > 0 and s.num_free_blocks < s.num_total_blocks // 20:
-            return 0  # prompts already queue for memory: more would only wait here, not in Redis
-        return max(0, seq_slots)
+            return self._num_pending
 
     # ---- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -156,8 +212,7 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self.error = exc
             for req_id, callback in list(self._callbacks.items()):
-                callback(RequestOutput(request_id=req_id, token_ids=[], text="", finish_reason="abort",
-                                       extra={"error": 1.0}))
+                callback(error_output(req_id, ""))
             self._callbacks.clear()
 
     def _drain_inbox(self, *, block: bool) -> bool:
@@ -183,8 +238,7 @@ class AsyncEngine:
             self.engine.add(item.request)
         except ValueError as exc:  # e.g. a duplicate id: only this request fails
             logger.warning("request=%s rejected: %s", req_id, exc)
-            item.on_output(RequestOutput(request_id=req_id, token_ids=[], text=str(exc),
-                                         finish_reason="abort", extra={"error": 1.0}))
+            item.on_output(error_output(req_id, str(exc)))
             return
         self._callbacks[req_id] = item.on_output
 

@@ -5,15 +5,13 @@ It owns the scheduler, the model runner and one detokenizer per live request; no
 from __future__ import annotations
 
 import logging
-import random
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.input_processor import InputProcessor, read_model_config
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -21,7 +19,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import ModelRunnerOutput
 from engine.stats import EngineStats
-from engine.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
 
 logger = logging.getLogger("tokenrelay.engine")
 
@@ -44,23 +41,13 @@ class _Aggregate:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from transformers import AutoConfig
-
         self.config = config
-        try:
-            hf_config = AutoConfig.from_pretrained(config.model)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read the model config of {config.model!r}: {exc}") from exc
-        max_positions = getattr(hf_config, "max_position_embeddings", None) or 2048
-        if config.max_model_len is not None and config.max_model_len > max_positions:
-            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={max_positions}; lower max_model_len")
-        self.max_model_len: int = config.max_model_len or max_positions
-        self.tokenizer = load_tokenizer(config.model)
-        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer)
-        # The intake thread encodes while the engine thread decodes: fast tokenizers are not safe to
-        # share across threads without this.
-        self.tokenizer_lock = threading.Lock()
+        hf_config = read_model_config(config)
+        self.inputs = InputProcessor(config, hf_config)
+        self.max_model_len = self.inputs.max_model_len
+        self.tokenizer = self.inputs.tokenizer
+        self.eos_token_ids = self.inputs.eos_token_ids
+        self.tokenizer_lock = self.inputs.tokenizer_lock
         self.model_runner = ModelRunner(config, hf_config, self.max_model_len)
         self.num_kv_blocks = self.model_runner.num_kv_blocks_from_memory()
         self.model_runner.allocate_kv_cache(self.num_kv_blocks)
@@ -70,8 +57,7 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._timings: dict[str, _Timing] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborts reported by the next step()
-        self._seed_rng = random.Random(config.seed)
-        self._seed_lock = threading.Lock()
+        self._no_text: set[str] = set()  # requests whose text another process decodes
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.peak_kv_usage = 0.0
@@ -94,36 +80,20 @@ class LLMEngine:
         resume_token_ids: list[int] | None = None,
     ) -> Request:
         """Validate and tokenize without touching the scheduler: safe to call from any thread."""
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError("request_id must be a non-empty string")
-        params = params if params is not None else SamplingParams()
-        with self.tokenizer_lock:
-            token_ids = encode_prompt(self.tokenizer, prompt=prompt, messages=messages,
-                                      prompt_token_ids=prompt_token_ids, vocab_size=self.vocab_size)
-        resumed = list(resume_token_ids or [])
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in resumed):
-            raise InvalidRequestError(f"resume_token_ids must be ints in [0, {self.vocab_size})")
-        num_tokens = len(token_ids) + len(resumed)
-        if num_tokens + 1 > self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(token_ids)} tokens (+{len(resumed)} resumed); with at least one "
-                f"token to generate it exceeds max_model_len={self.max_model_len}: shorten the prompt")
-        if params.seed is not None:
-            seed = params.seed
-        else:
-            with self._seed_lock:
-                seed = self._seed_rng.getrandbits(31)
-        return Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
-                       eos_token_ids=self.eos_token_ids, priority=priority, seed=seed,
-                       output_token_ids=resumed)
+        return self.inputs.make_request(request_id, prompt, prompt_token_ids=prompt_token_ids,
+                                        messages=messages, params=params, priority=priority,
+                                        resume_token_ids=resume_token_ids)
 
-    def add(self, request: Request, *, stream_text: bool = True) -> None:
+    def add(self, request: Request, *, stream_text: bool = True, detokenize: bool = True) -> None:
         """Hand a validated request to the scheduler (engine thread only).
 
         stream_text=False (offline generate) decodes the text once at the end instead of every step,
-        unless stop strings need the incremental text; deltas then carry token ids and empty text."""
+        unless stop strings need the incremental text; deltas then carry token ids and empty text.
+        detokenize=False: no text at all unless stop strings need it (the caller decodes elsewhere)."""
         self.scheduler.add_request(request)
-        if stream_text or request.sampling_params.stop or request.output_token_ids:
+        if not detokenize and not request.sampling_params.stop:
+            self._no_text.add(request.request_id)
+        elif stream_text or request.sampling_params.stop or request.output_token_ids:
             with self.tokenizer_lock:
                 # A resumed request's tokens count as already streamed.
                 self._detokenizers[request.request_id] = self._detokenizer(request, request.output_token_ids)
@@ -190,7 +160,7 @@ class LLMEngine:
         detokenizer = self._detokenizers.get(req_id)
         if detokenizer is None:  # deferred: the whole text once, in the final output
             text = ""
-            if finish_reason is not None:
+            if finish_reason is not None and req_id not in self._no_text:
                 detokenizer = self._detokenizer(request, ())
                 text = detokenizer.update(output_token_ids) + detokenizer.flush()
         else:
@@ -217,6 +187,7 @@ class LLMEngine:
                       finish_reason: str = "abort") -> RequestOutput:
         req_id = request.request_id
         self._detokenizers.pop(req_id, None)
+        self._no_text.discard(req_id)
         timing = self._timings.pop(req_id, None)
         extra: dict[str, float] = {}
         if timing is not None:

@@ -29,7 +29,7 @@ from worker.recovery import Recovery
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from engine.async_engine import EngineFrontend
     from worker.intake import Entry
 
 logger = logging.getLogger("tokenrelay.worker")
@@ -41,11 +41,9 @@ MAX_BACKOFF_S = 2.0
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, engine: AsyncEngine | None = None, *, burst: bool = False) -> None:
+    def __init__(self, settings: WorkerSettings, engine: EngineFrontend | None = None, *, burst: bool = False) -> None:
         if engine is None:
-            from engine.async_engine import AsyncEngine
-
-            engine = AsyncEngine(settings.to_engine_config())  # loads the model: slow
+            engine = _build_engine(settings)  # loads the model: slow
         self.settings = settings
         self.engine = engine
         self.burst = burst
@@ -295,6 +293,17 @@ class Worker:
                 logger.warning("%s: Redis unreachable (%s); retrying in %.1fs", what, exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
+
+
+def _build_engine(settings: WorkerSettings) -> EngineFrontend:
+    config = settings.to_engine_config()
+    if settings.uses_engine_process:
+        from engine.mp_engine import MPEngine
+
+        return MPEngine(config)
+    from engine.async_engine import AsyncEngine
+
+    return AsyncEngine(config)
 
 
 def _text(value: object) -> str:

@@ -27,7 +27,7 @@ from worker.recovery import Progress, load_progress
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from engine.async_engine import EngineFrontend
     from worker.publisher import Publisher
 
 logger = logging.getLogger("tokenrelay.worker")
@@ -131,7 +131,7 @@ class JobTable:
 
 
 class Intake:
-    def __init__(self, redis: Redis, settings: WorkerSettings, table: JobTable, engine: AsyncEngine,
+    def __init__(self, redis: Redis, settings: WorkerSettings, table: JobTable, engine: EngineFrontend,
                  publisher: Publisher) -> None:
         self.redis = redis
         self.settings = settings
@@ -270,7 +270,7 @@ class Intake:
             return None
         if len(token_ids) >= params.max_tokens:
             return "length"
-        eos_ids: frozenset[int] = getattr(getattr(self.engine, "engine", None), "eos_token_ids", frozenset())
+        eos_ids = self.engine.eos_token_ids
         if token_ids[-1] in params.stop_token_ids or (not params.ignore_eos and token_ids[-1] in eos_ids):
             return "stop"
         return None

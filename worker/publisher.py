@@ -23,7 +23,7 @@ from worker.aio import cancel_requested
 from worker.metrics import Metrics
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from engine.async_engine import EngineFrontend
     from worker.intake import Entry, JobTable, RunningJob
 
 logger = logging.getLogger("tokenrelay.worker")
@@ -50,7 +50,7 @@ class _Op:
 
 
 class Publisher:
-    def __init__(self, redis: Redis, keys: Keys, scripts: lua.Scripts, table: JobTable, engine: AsyncEngine,
+    def __init__(self, redis: Redis, keys: Keys, scripts: lua.Scripts, table: JobTable, engine: EngineFrontend,
                  metrics: Metrics, default_ttl_s: int) -> None:
         self.redis = redis
         self.default_ttl_s = default_ttl_s

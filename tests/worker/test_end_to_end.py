@@ -3,10 +3,13 @@ slow Redis whose engine keeps stepping while the publisher lags (deltas coalesce
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from api_client import Client
 from engine import EngineConfig, SamplingParams
@@ -28,11 +31,13 @@ from tests.worker.conftest import (
 NUM_JOBS = 200
 
 
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
 def test_200_jobs_each_get_exactly_one_done_equal_to_llm_engine(
-        redis_server: RedisServer, model_dir: Path, tmp_path: Path) -> None:
+        redis_server: RedisServer, model_dir: Path, tmp_path: Path, engine_process: bool) -> None:
     prompts = [f"request {i}: " + "the quick brown fox "[: 3 + i % 17] for i in range(NUM_JOBS)]
     max_tokens = [4 + i % 9 for i in range(NUM_JOBS)]
-    worker = spawn_worker(redis_server.url, model_dir, log_path=tmp_path / "worker.log")
+    log_path = tmp_path / "worker.log"
+    worker = spawn_worker(redis_server.url, model_dir, log_path=log_path, engine_process=engine_process)
     try:
         client = Client(redis_server.url, prefix=PREFIX)
         job_ids = [client.submit(p, job_id=f"job-{i}", max_tokens=m, temperature=0)
@@ -54,7 +59,11 @@ def test_200_jobs_each_get_exactly_one_done_equal_to_llm_engine(
         client.close()
     finally:
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(60) == 0
+        assert worker.wait(60) == 0, log_path.read_text()[-3000:]
+    core = re.search(r"engine core ready pid=(\d+)", log_path.read_text())
+    assert (core is not None) == engine_process
+    if core is not None:  # the worker took its engine core process with it
+        assert not Path(f"/proc/{core.group(1)}").exists()
 
 
 def test_slow_redis_does_not_slow_the_engine_loop(
