@@ -96,7 +96,15 @@ class LLMEngine:
         elif stream_text or request.sampling_params.stop or request.output_token_ids:
             with self.tokenizer_lock:
                 # A resumed request's tokens count as already streamed.
-                self._detokenizers[request.request_id] = self._detokenizer(request, request.output_token_ids)
+                detokenizer = self._detokenizer(request, request.output_token_ids)
+            self._detokenizers[request.request_id] = detokenizer
+            if detokenizer.stopped:
+                # Resumed after its stop string was complete (the worker that generated it died before
+                # the final event): it is done, and one more token would change the completion.
+                self._timings[request.request_id] = _Timing(arrival_s=time.monotonic())
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+                self._pending_outputs.append(self._final_output(request, [], "", None, "stop"))
+                return
         self._timings[request.request_id] = _Timing(arrival_s=time.monotonic())
 
     def _detokenizer(self, request: Request, initial_output_token_ids: Sequence[int]) -> IncrementalDetokenizer:

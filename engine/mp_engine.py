@@ -11,16 +11,17 @@ in the pipe are merged per request, so it decodes and delivers once per request 
 Requests with stop strings are the exception: the core decodes those itself, because the stop match
 decides when the request ends and frees its blocks.
 
-Wire between the processes: two one-way pipes of pickled tuples (plain values, never code a job can
-choose). Parent -> core: ("add", Request) | ("abort", id) | ("stop",). Core -> parent: ("ready", stats)
-| ("step", outputs, rejects, stats, num_added) | ("failed", message, is_config_error)."""
+Wire between the processes: two one-way pipes of JSON arrays (plain values only: no pickle anywhere,
+docs/security.md). Parent -> core: ["add", request] | ["abort", id] | ["stop"]. Core -> parent:
+["ready", stats] | ["step", outputs, rejects, stats, num_added] | ["failed", message, is_config_error]."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import multiprocessing as mp
-import pickle
 import queue
 import signal
 import sys
@@ -34,6 +35,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.input_processor import InputProcessor
 from engine.outputs import RequestOutput
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.stats import EngineStats
 
@@ -42,18 +44,37 @@ logger = logging.getLogger("tokenrelay.engine")
 IDLE_POLL_S = 0.5  # how long the idle core waits for a command before checking again
 STARTUP_TIMEOUT_S = 1800.0  # loading and graph capture of a large checkpoint
 
-# A RequestOutput as a tuple: pickling 256 small tuples a step costs a fraction of the dataclasses.
-_Packed = tuple[str, list[int], str, "str | None", "list[dict[int, float]] | None", int, int, int,
-                dict[str, float]]
+def _pack(o: RequestOutput) -> list[Any]:
+    """A RequestOutput as a JSON array (256 a step: arrays encode faster than objects)."""
+    return [o.request_id, o.token_ids, o.text, o.finish_reason, o.logprobs, o.index, o.num_prompt_tokens,
+            o.num_cached_tokens, o.extra]
 
 
-def _pack(o: RequestOutput) -> _Packed:
-    return (o.request_id, o.token_ids, o.text, o.finish_reason, o.logprobs, o.index, o.num_prompt_tokens,
-            o.num_cached_tokens, o.extra)
+def _unpack(p: list[Any]) -> RequestOutput:
+    out = RequestOutput(*p)
+    if out.logprobs is not None:  # JSON object keys are strings; token ids are ints
+        out.logprobs = [{int(k): v for k, v in lp.items()} for lp in out.logprobs]
+    return out
 
 
-def _dumps(message: tuple[Any, ...]) -> bytes:
-    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+def _pack_request(r: Request) -> dict[str, Any]:
+    return {"request_id": r.request_id, "prompt_token_ids": r.prompt_token_ids,
+            "sampling_params": dataclasses.asdict(r.sampling_params), "eos_token_ids": sorted(r.eos_token_ids),
+            "priority": r.priority, "seed": r.seed, "output_token_ids": r.output_token_ids}
+
+
+def _unpack_request(d: dict[str, Any]) -> Request:
+    return Request(**{**d, "sampling_params": SamplingParams(**d["sampling_params"]),
+                      "eos_token_ids": frozenset(d["eos_token_ids"])})
+
+
+def _dumps(message: list[Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def _loads(data: bytes) -> list[Any]:
+    message: list[Any] = json.loads(data)
+    return message
 
 
 # ---- the core process -----------------------------------------------------------------------------
@@ -70,17 +91,17 @@ def _core_main(config: EngineConfig, commands: Connection, outputs: Connection, 
         engine = LLMEngine(config)
     except BaseException as exc:  # report it: the parent raises it where the engine was constructed
         with contextlib.suppress(OSError):
-            outputs.send_bytes(_dumps(("failed", f"{exc}", isinstance(exc, ValueError))))
+            outputs.send_bytes(_dumps(["failed", f"{exc}", isinstance(exc, ValueError)]))
         return
     try:
-        outputs.send_bytes(_dumps(("ready", engine.stats())))
+        outputs.send_bytes(_dumps(["ready", dataclasses.asdict(engine.stats())]))
         _serve(engine, commands, outputs)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.warning("engine core: the parent process is gone; exiting")
     except BaseException as exc:
         logger.exception("engine core died")
         with contextlib.suppress(OSError):
-            outputs.send_bytes(_dumps(("failed", repr(exc), False)))
+            outputs.send_bytes(_dumps(["failed", repr(exc), False]))
 
 
 def _serve(engine: Any, commands: Connection, outputs: Connection) -> None:
@@ -90,9 +111,9 @@ def _serve(engine: Any, commands: Connection, outputs: Connection) -> None:
             continue
         rejects: list[tuple[str, str]] = []
         while commands.poll(0):
-            command = pickle.loads(commands.recv_bytes())
+            command = _loads(commands.recv_bytes())
             if command[0] == "add":
-                request = command[1]
+                request = _unpack_request(command[1])
                 num_added += 1
                 try:
                     engine.add(request, detokenize=False)
@@ -103,7 +124,7 @@ def _serve(engine: Any, commands: Connection, outputs: Connection) -> None:
             else:
                 return
         stepped = [_pack(o) for o in engine.step()] if engine.has_unfinished() else []
-        outputs.send_bytes(_dumps(("step", stepped, rejects, engine.stats(), num_added)))
+        outputs.send_bytes(_dumps(["step", stepped, rejects, dataclasses.asdict(engine.stats()), num_added]))
 
 
 # ---- this process ---------------------------------------------------------------------------------
@@ -146,7 +167,7 @@ class MPEngine(EngineFrontend):
         try:
             if not self._outputs.poll(STARTUP_TIMEOUT_S):
                 raise RuntimeError(f"the engine core did not start within {STARTUP_TIMEOUT_S:.0f}s")
-            message = pickle.loads(self._outputs.recv_bytes())
+            message = _loads(self._outputs.recv_bytes())
         except EOFError:
             self._process.join(5)
             raise RuntimeError(f"the engine core process exited during startup "
@@ -157,7 +178,7 @@ class MPEngine(EngineFrontend):
         if message[0] == "failed":
             self._process.join(5)
             raise (ValueError if message[2] else RuntimeError)(message[1])
-        return message[1]  # type: ignore[no-any-return]
+        return EngineStats(**message[1])
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -172,7 +193,7 @@ class MPEngine(EngineFrontend):
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
         with contextlib.suppress(OSError):
-            self._send(("stop",))
+            self._send(["stop"])
         self._process.join(timeout_s)
         if self._process.is_alive():
             logger.warning("the engine core did not stop in %.0fs: killing it", timeout_s)
@@ -230,13 +251,13 @@ class MPEngine(EngineFrontend):
         if duplicate:
             on_output(error_output(request_id, f"request {request_id!r} is already running"))
             return
-        self._send(("add", request))
+        self._send(["add", _pack_request(request)])
 
     def abort(self, request_id: str) -> None:
         with contextlib.suppress(OSError):
-            self._send(("abort", request_id))
+            self._send(["abort", request_id])
 
-    def _send(self, command: tuple[Any, ...]) -> None:
+    def _send(self, command: list[Any]) -> None:
         data = _dumps(command)
         with self._send_lock:
             self._commands.send_bytes(data)
@@ -272,7 +293,7 @@ class MPEngine(EngineFrontend):
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            messages = [pickle.loads(raw) for raw in batch if raw is not None]
+            messages = [_loads(raw) for raw in batch if raw is not None]
             try:
                 self._deliver(messages)
             except Exception:  # a bug here must not silence every request
@@ -282,7 +303,7 @@ class MPEngine(EngineFrontend):
                     self._fail_all()
                 return
 
-    def _deliver(self, messages: list[tuple[Any, ...]]) -> None:
+    def _deliver(self, messages: list[list[Any]]) -> None:
         merged: list[RequestOutput] = []
         open_by_id: dict[str, RequestOutput] = {}
         for message in messages:
@@ -294,7 +315,7 @@ class MPEngine(EngineFrontend):
             for p in packed:
                 out = open_by_id.get(p[0])
                 if out is None:
-                    out = RequestOutput(*p)
+                    out = _unpack(p)
                     merged.append(out)
                     if not out.finished:
                         open_by_id[out.request_id] = out
@@ -302,12 +323,12 @@ class MPEngine(EngineFrontend):
                 out.token_ids = out.token_ids + p[1]  # a fresh list: never grow the core's copy
                 out.text += p[2]
                 if p[4] is not None:
-                    out.logprobs = [*(out.logprobs or []), *p[4]]
+                    out.logprobs = [*(out.logprobs or []), *(_unpack(p).logprobs or [])]
                 out.finish_reason, out.num_cached_tokens, out.extra = p[3], p[7], p[8]
                 if out.finished:
                     del open_by_id[out.request_id]
             merged.extend(error_output(req_id, reason) for req_id, reason in rejects)
-            self._stats = stats
+            self._stats = EngineStats(**stats)
             with self._live_lock:
                 self._num_added = num_added
         for out in merged:

@@ -131,6 +131,26 @@ def test_stop_strings_and_text(tiny_model_dirs: dict[str, Path]) -> None:
     assert stop not in out.text
 
 
+def test_a_request_resumed_after_its_stop_string_ends_at_once(tiny_model_dirs: dict[str, Path]) -> None:
+    """A worker died between the token that completed a stop string and the final event: the job
+    resumed elsewhere from those tokens is already done; generating on would change the completion."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dirs["llama"]), num_kv_blocks=128))
+    prompt = "Hello world! Redis streams carry"
+    base = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
+    if len(base.text) < 6:
+        pytest.skip("the random model produced too little visible text to cut")
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop=[base.text[3:6]], ignore_eos=True)
+    stopped = engine.generate([prompt], params)[0]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 24
+    engine.add_request("resumed", prompt, params=params, resume_token_ids=stopped.token_ids)
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    assert [(o.finish_reason, o.token_ids, o.text) for o in outs] == [("stop", [], "")]
+    assert outs[0].index == len(stopped.token_ids)
+    assert engine.stats().num_running == 0 and engine.stats().num_waiting == 0
+
+
 def test_abort_frees_blocks_and_reports(tiny_model_dirs: dict[str, Path]) -> None:
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dirs["llama"]), num_kv_blocks=64))
     free_before = engine.stats().num_free_blocks

@@ -84,7 +84,9 @@ def test_sigkill_three_times_loses_nothing_and_changes_nothing(
 
     with RedisServer() as server:
         client: Any = server.client()
-        victim = workers(server.url, "w1", **WORKER_KNOBS)
+        # The victim runs its engine loop in a core process, the survivor in a thread: both frontends
+        # go through the kills and must give the same tokens.
+        victim = workers(server.url, "w1", engine_process=True, **WORKER_KNOBS)
         survivor = workers(server.url, "w2", **WORKER_KNOBS)
         jobs = [{"id": job_id, "prompt": p, "params": PARAMS} for job_id, p in prompts.items()]
         hurry = threading.Event()

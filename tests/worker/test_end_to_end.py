@@ -24,6 +24,7 @@ from tests.worker.conftest import (
     events,
     settings_for,
     spawn_worker,
+    submit,
     wait_final,
     wait_until,
 )
@@ -92,3 +93,32 @@ def test_slow_redis_does_not_slow_the_engine_loop(
             assert num_token_events < params["max_tokens"] / 4, "deltas were not coalesced"
         assert worker.worker.publisher.num_batches * 4 < engine.stats().num_steps
         assert worker.stop() == 0  # while the proxy is still up
+
+
+def test_a_killed_worker_takes_its_engine_core_with_it(redis_server: RedisServer, model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """SIGKILL runs no cleanup in the worker: the core notices its pipes close and exits by itself, so
+    a crashed worker never leaves a process holding the GPU."""
+    log_path = tmp_path / "worker.log"
+    worker = spawn_worker(redis_server.url, model_dir, log_path=log_path, engine_process=True,
+                          max_model_len=512)
+    try:
+        client: Any = redis_server.client()
+        submit(client, "long", prompt="busy core", params={"max_tokens": 400, "ignore_eos": True})
+        wait_until(lambda: len(events(client, "long")) >= 1, timeout_s=120, what="the first token event")
+        core = re.search(r"engine core ready pid=(\d+)", log_path.read_text())
+        assert core is not None
+        worker.kill()
+        worker.wait(30)
+        wait_until(lambda: not _alive(int(core.group(1))), timeout_s=30, what="the engine core to exit")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; its parent (init, after the kill) reaps it
