@@ -38,6 +38,7 @@ HAND_BACK_TIMEOUT_S = 10.0  # after the drain: time for aborted jobs to reach Re
 LOOP_EXIT_TIMEOUT_S = 5.0  # cancelled background loops must end within this
 STUCK_STOP_SLACK_S = 60.0  # a stop still running this long after drain + hand-back dumps every stack
 MAX_BACKOFF_S = 2.0
+OUTAGE_LOG_EVERY_S = 10.0  # while Redis is down, each loop logs at most this often
 
 
 class Worker:
@@ -268,16 +269,27 @@ class Worker:
     @staticmethod
     async def _every(interval_s: float, body: Callable[[], Awaitable[None]]) -> None:
         """Run `body` every interval until cancelled (leases, cancel checks and heartbeats must go on
-        while draining); a Redis error is logged, never fatal."""
+        while draining); a Redis error is logged, never fatal. During an outage a loop that runs every
+        20 ms would write 50 lines a second: it logs the first failure, then one line per
+        OUTAGE_LOG_EVERY_S with the count, and one line when Redis answers again."""
+        name = getattr(body, "__name__", "loop")
+        failures, last_logged_s = 0, 0.0
         while True:
             try:
                 await body()
+                if failures:
+                    logger.info("%s: Redis answers again after %d failed attempts", name, failures)
+                    failures = 0
             except (RedisError, OSError) as exc:
                 if cancel_requested():
                     raise asyncio.CancelledError from exc
-                logger.warning("%s: %s", getattr(body, "__name__", "loop"), exc)
+                failures += 1
+                now = time.monotonic()
+                if failures == 1 or now - last_logged_s >= OUTAGE_LOG_EVERY_S:
+                    logger.warning("%s: %s (%d failed attempts so far)", name, exc, failures)
+                    last_logged_s = now
             except Exception:
-                logger.exception("%s failed", getattr(body, "__name__", "loop"))
+                logger.exception("%s failed", name)
             await asyncio.sleep(interval_s)
 
     async def _retrying(self, what: str, body: Callable[[], Awaitable[object]]) -> object:

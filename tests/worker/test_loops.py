@@ -1,4 +1,5 @@
-"""Worker loops end when cancelled, even when the cancel reaches them disguised as a timeout.
+"""The worker's background loops: they end when cancelled, even when the cancel reaches them disguised
+as a timeout, and a Redis outage does not flood the log.
 
 asyncio.timeout() (used by redis-py for every socket wait) turns a cancel that lands as its deadline
 expires into TimeoutError; a retry loop catching TimeoutError/OSError would then run forever and the
@@ -16,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.aio import cancel_requested
 from worker.app import Worker
 
-pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is Python 3.11+")
+needs_cancelling = pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is Python 3.11+")
 
 
 class DisguisedCancel:
@@ -37,6 +38,7 @@ class DisguisedCancel:
             raise RedisTimeoutError("Timeout reading from redis") from exc
 
 
+@needs_cancelling
 def test_cancel_requested_sees_a_swallowed_cancel() -> None:
     async def main() -> tuple[bool, bool]:
         seen: list[bool] = []
@@ -57,6 +59,7 @@ def test_cancel_requested_sees_a_swallowed_cancel() -> None:
     assert (before, after) == (False, True)
 
 
+@needs_cancelling
 def test_every_loop_ends_on_a_cancel_disguised_as_timeout() -> None:
     async def main() -> tuple[bool, int]:
         body = DisguisedCancel()
@@ -73,3 +76,30 @@ def test_every_loop_ends_on_a_cancel_disguised_as_timeout() -> None:
     ended, disguised = asyncio.run(main())
     assert disguised == 1
     assert ended, "the loop retried a cancel that arrived as a TimeoutError"
+
+
+def test_a_redis_outage_logs_once_per_interval_not_once_per_attempt(caplog: pytest.LogCaptureFixture) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    state = {"down": True, "calls": 0}
+
+    async def check_cancel() -> None:
+        state["calls"] += 1
+        if state["down"]:
+            raise RedisConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+    async def main() -> None:
+        task = asyncio.create_task(Worker._every(0.001, check_cancel))
+        await asyncio.sleep(0.3)
+        state["down"] = False
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)
+
+    with caplog.at_level("INFO", logger="tokenrelay.worker"):
+        asyncio.run(main())
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    recovered = [r for r in caplog.records if "answers again" in r.getMessage()]
+    assert state["calls"] > 20  # it kept trying all along
+    assert len(warnings) == 1 and "Connection refused" in warnings[0].getMessage()
+    assert len(recovered) == 1
