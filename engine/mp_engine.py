@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
 import multiprocessing as mp
@@ -83,6 +84,7 @@ def _core_main(config: EngineConfig, commands: Connection, outputs: Connection, 
     # Ctrl-C that reaches the whole process group must not kill the core in the middle of a drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 <core pid>`: its stacks
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from engine.llm_engine import LLMEngine
