@@ -89,7 +89,13 @@ def start_worker(args: argparse.Namespace, redis_url: str, prefix: str, knobs: W
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     if args.torch_threads is not None:  # torch's intra-op pool reads it at import
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
-    return subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log_path.open("wb"),
+    module = "worker"
+    if args.fake_gpu is not None:  # the same worker with the model call replaced (bench/fake_gpu.py)
+        from bench.fake_gpu import ENV
+
+        env[ENV] = args.fake_gpu
+        module = "bench.fake_gpu"
+    return subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log_path.open("wb"),
                             stderr=subprocess.STDOUT)
 
 
@@ -415,9 +421,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the worker's TOKENRELAY_ENGINE_PROCESS (auto: on for cuda, off for cpu)"))
     p.add_argument("--compare-engine-modes", action="store_true", help=(
         "also run the burst with the engine loop in a thread and in a child process, side by side"))
+    p.add_argument("--fake-gpu", nargs="?", const="7,10", default=None, metavar="BASE_MS,US_PER_TOKEN", help=(
+        "CPU stand-in for a GPU: the model call sleeps BASE_MS + US_PER_TOKEN x scheduled tokens per "
+        "step (default 7,10 ~ the H100 figures) and the full workload runs at batch 256 "
+        "(bench/fake_gpu.py)"))
     p.add_argument("--json", default=None, help="write the report here (default: $OUT or bench/out)")
     args = p.parse_args(argv)
     quick = args.quick
+    if args.fake_gpu is not None:
+        if quick:
+            raise SystemExit("--fake-gpu runs the full workload: drop --quick")
+        args.device = args.device or "cpu"
+        args.model = args.model or "tiny"
     defaults: dict[str, Any] = dict(
         model="tiny" if quick else "qwen3-0.6b", num_requests=96 if quick else 256, min_len=8 if quick else 100,
         max_len=64 if quick else 1024, max_num_seqs=16 if quick else 256,
@@ -467,6 +482,11 @@ def main(argv: list[str] | None = None) -> None:
             args.model_dir = str(make_checkpoint(args.model, work_dir / "model", device=args.device, dtype=dtype))
         bench = Bench(args, args.redis_url, work_dir)
         try:
+            if args.fake_gpu is not None:
+                from bench.fake_gpu import install
+
+                install(args.fake_gpu)  # the offline reference runs the same fake step
+                report["fake_gpu"] = args.fake_gpu
             if args.model_dir is not None:
                 report["offline_tok_s"] = offline_tok_s(args, knobs, workload)
                 print(f"offline LLMEngine.generate: {report['offline_tok_s']:.0f} tok/s", file=sys.stderr)
@@ -505,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
                 redis_proc.terminate()
                 redis_proc.wait(30)
     tag = "quick" if args.quick else f"{args.model}-{args.device.split(':')[0]}"
+    if args.fake_gpu is not None:
+        tag = f"fake-gpu-{args.model}"
     report["plots"] = [str(p) for p in draw_plots(report, tag)]
     out_path = Path(args.json) if args.json else Path(os.environ.get("OUT", "bench/out")) / f"serving-{tag}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
