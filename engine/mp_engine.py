@@ -80,10 +80,12 @@ def _loads(data: bytes) -> list[Any]:
 
 # ---- the core process -----------------------------------------------------------------------------
 def _core_main(config: EngineConfig, commands: Connection, outputs: Connection, log_level: int) -> None:
-    # The parent decides when the core stops (a "stop" command, or its end of the pipe closing); a
-    # Ctrl-C that reaches the whole process group must not kill the core in the middle of a drain.
+    # The parent decides when the core stops (a "stop" command, or its end of the pipe closing): a
+    # Ctrl-C that reaches the whole process group must not kill the core in the middle of the parent's
+    # drain. SIGTERM keeps its default: it is how multiprocessing ends a daemon child whose parent exits
+    # without shutdown(), and a SIGTERM sent to the whole group (systemd) ends the core; the parent then
+    # hands its jobs back.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 <core pid>`: its stacks
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -86,7 +86,11 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.request_stop)
         self.engine.start()
-        await self._startup()
+        try:
+            await self._startup()
+        except BaseException:  # e.g. wrong credentials: nothing was served, but the engine runs
+            await asyncio.to_thread(self.engine.shutdown)
+            raise
         publisher = asyncio.create_task(self.publisher.run(), name="publisher")
         loops = [asyncio.create_task(coro, name=name) for name, coro in (
             ("intake", self._intake_loop()),

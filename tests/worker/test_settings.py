@@ -85,23 +85,31 @@ def test_check_fails_without_a_heartbeat_and_passes_with_one(redis_server: Redis
     assert result.returncode == 1 and "cannot reach Redis" in result.stderr
 
 
-def test_wrong_redis_password_exits_2_without_retrying_forever(model_dir: Path) -> None:
+ENGINE_MODES = pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+
+
+@ENGINE_MODES
+def test_wrong_redis_password_exits_2_without_retrying_forever(model_dir: Path, engine_process: bool) -> None:
     with RedisServer() as server:
         server.client().config_set("requirepass", "s3cret")  # from now on, only with the password
         url = server.url.replace("redis://", "redis://:wrong@")
-        result = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=worker_env(url, model_dir),
+        # With an engine core process, the exit must also end the core (it used to wait on it forever).
+        result = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT,
+                                env=worker_env(url, model_dir, engine_process=engine_process),
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "credentials" in result.stderr
     assert ":wrong@" not in result.stderr + result.stdout  # the password is never echoed
 
 
-def test_sigterm_while_the_model_loads_exits_0(model_dir: Path, redis_server: RedisServer) -> None:
+@ENGINE_MODES
+def test_sigterm_while_the_model_loads_exits_0(model_dir: Path, redis_server: RedisServer,
+                                               engine_process: bool) -> None:
     import signal
     import time
 
     process = subprocess.Popen([sys.executable, "-m", "worker"], cwd=REPO_ROOT,
-                               env=worker_env(redis_server.url, model_dir),
+                               env=worker_env(redis_server.url, model_dir, engine_process=engine_process),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(0.5)  # imports torch and loads the model for a few seconds: still starting
     process.send_signal(signal.SIGTERM)
