@@ -418,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "torch CPU threads of the worker and the offline engine (default: torch's, one per core); on a small "
         "CPU box the worker's pool competes with Redis and the client, so 1 can be much faster"))
     p.add_argument("--engine-process", choices=["auto", "on", "off"], default="auto", help=(
-        "the worker's TOKENRELAY_ENGINE_PROCESS (auto: on for cuda, off for cpu)"))
+        "the worker's TOKENRELAY_ENGINE_PROCESS (auto: the worker's default, on)"))
     p.add_argument("--compare-engine-modes", action="store_true", help=(
         "also run the burst with the engine loop in a thread and in a child process, side by side"))
     p.add_argument("--fake-gpu", nargs="?", const="7,10", default=None, metavar="BASE_MS,US_PER_TOKEN", help=(

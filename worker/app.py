@@ -313,7 +313,7 @@ class Worker:
 
 def _build_engine(settings: WorkerSettings) -> EngineFrontend:
     config = settings.to_engine_config()
-    if settings.uses_engine_process:
+    if settings.engine_process:
         from engine.mp_engine import MPEngine
 
         return MPEngine(config)

@@ -55,8 +55,8 @@ class WorkerSettings(BaseSettings):
         "TGI admission: admit prompts when waiting >= ratio x running; unset: always"))
     max_waiting_steps: int | None = Field(default=None, description="...or after this many steps without admission")
     enforce_eager: bool = Field(default=False, description="GPU: no CUDA graphs for decode")
-    engine_process: bool | None = Field(default=None, description=(
-        "step loop in a child process, text decoding and Redis here in parallel; unset: on for cuda"))
+    engine_process: bool = Field(default=True, description=(
+        "step loop in a child process, text decoding and Redis here in parallel; false: a thread"))
     seed: int = Field(default=0, description="seeds unseeded jobs' sampling, for reproducible runs")
 
     # ---- jobs, leases, recovery --------------------------------------------------------------
@@ -110,14 +110,6 @@ class WorkerSettings(BaseSettings):
             raise ValueError(f"no model configured: set {ENV_PREFIX}MODEL=/path/to/hf/dir "
                              "(a local Hugging Face checkpoint directory)")
         return self.model
-
-    @property
-    def uses_engine_process(self) -> bool:
-        # The child process pays off where the step is GPU time the host must keep fed; on the CPU the
-        # model itself needs the cores, and a thread starts faster.
-        if self.engine_process is not None:
-            return self.engine_process
-        return self.device.startswith("cuda")
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(
