@@ -26,6 +26,7 @@ FINAL_EXISTS = -1
 NOT_OWNER = -2
 GAP = -3  # the delta starts after the stream's next index: tokens would be missing
 OVERLAP = -4  # the delta straddles the stream's next index: part of it would be duplicated
+ERROR = -5  # the script raised for this job (e.g. its stream's last event is not JSON); others went on
 
 _HELPERS = f"""
 local function owned(jobs, group, entry_id, consumer)
@@ -44,24 +45,52 @@ local function last_event(key)
 end
 """
 
+# One token delta: written only by the job's owner, only at the stream's next index. Returns code, next_index.
+_TOKENS_FN = _HELPERS + f"""
+local function publish_delta(result, jobs, group, entry_id, consumer, index, num_tokens, event_json, ttl_s)
+  if not owned(jobs, group, entry_id, consumer) then return {NOT_OWNER}, -1 end
+  local next_index = 0
+  local ev = last_event(result)
+  if ev then
+    if ev['type'] ~= 'token' then return {FINAL_EXISTS}, -1 end
+    next_index = ev['index'] + #ev['token_ids']
+  end
+  if index + num_tokens <= next_index then return {ALREADY}, next_index end
+  if index < next_index then return {OVERLAP}, next_index end
+  if index > next_index then return {GAP}, next_index end
+  redis.call('XADD', result, '*', '{EVENT_FIELD}', event_json)
+  redis.call('EXPIRE', result, ttl_s)
+  return {WRITTEN}, index + num_tokens
+end
+"""
+
 # KEYS: result, jobs. ARGV: group, entry_id, consumer, index, num_tokens, event_json, ttl_s.
 # Returns {code, next_index}.
-_PUBLISH_TOKENS = _HELPERS + f"""
-if not owned(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return {{{NOT_OWNER}, -1}} end
-local next_index = 0
-local ev = last_event(KEYS[1])
-if ev then
-  if ev['type'] ~= 'token' then return {{{FINAL_EXISTS}, -1}} end
-  next_index = ev['index'] + #ev['token_ids']
+_PUBLISH_TOKENS = _TOKENS_FN + """
+local code, next_index = publish_delta(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
+                                       tonumber(ARGV[5]), ARGV[6], ARGV[7])
+return {code, next_index}
+"""
+
+# KEYS: jobs, result_1 .. result_n. ARGV: group, consumer, then per job: entry_id, index, num_tokens,
+# event_json, ttl_s. The deltas of a whole publisher batch in one call: one command to pack, send and
+# parse instead of one per job. Returns code_1, next_1, code_2, next_2, ...; a job whose delta raised
+# (e.g. its stream's last event is not JSON) gets ERROR, and the others are still written.
+_PUBLISH_TOKENS_MANY = _TOKENS_FN + f"""
+local out = {{}}
+for j = 2, #KEYS do
+  local a = 3 + (j - 2) * 5
+  local ok, code, next_index = pcall(publish_delta, KEYS[j], KEYS[1], ARGV[1], ARGV[a], ARGV[2],
+                                     tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4])
+  if ok then
+    out[#out + 1] = code
+    out[#out + 1] = next_index
+  else
+    out[#out + 1] = {ERROR}
+    out[#out + 1] = -1
+  end
 end
-local index = tonumber(ARGV[4])
-local num_tokens = tonumber(ARGV[5])
-if index + num_tokens <= next_index then return {{{ALREADY}, next_index}} end
-if index < next_index then return {{{OVERLAP}, next_index}} end
-if index > next_index then return {{{GAP}, next_index}} end
-redis.call('XADD', KEYS[1], '*', '{EVENT_FIELD}', ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-return {{{WRITTEN}, index + num_tokens}}
+return out
 """
 
 # KEYS: result, jobs, dead. ARGV: group, entry_id, consumer, event_json, ttl_s, num_tokens,
@@ -136,6 +165,7 @@ class Scripts:
         self.group = group
         self.consumer = consumer
         self.publish_tokens: AsyncScript = redis.register_script(_PUBLISH_TOKENS)
+        self.publish_tokens_many: AsyncScript = redis.register_script(_PUBLISH_TOKENS_MANY)
         self.publish_final: AsyncScript = redis.register_script(_PUBLISH_FINAL)
         self.dead_letter: AsyncScript = redis.register_script(_DEAD_LETTER)
         self.hand_back: AsyncScript = redis.register_script(_HAND_BACK)
@@ -145,6 +175,15 @@ class Scripts:
                     ttl_s: int) -> tuple[list[str], list[Any]]:
         return ([result_key, self.jobs_key],
                 [self.group, entry_id, self.consumer, index, num_tokens, event_json, ttl_s])
+
+    def tokens_many_args(self, deltas: list[tuple[str, str, int, int, str, int]]) -> tuple[list[str], list[Any]]:
+        """deltas: (result_key, entry_id, index, num_tokens, event_json, ttl_s) per job."""
+        keys: list[str] = [self.jobs_key]
+        args: list[Any] = [self.group, self.consumer]
+        for result_key, entry_id, index, num_tokens, event_json, ttl_s in deltas:
+            keys.append(result_key)
+            args.extend((entry_id, index, num_tokens, event_json, ttl_s))
+        return keys, args
 
     def final_args(self, result_key: str, entry_id: str, event_json: str, ttl_s: int, num_tokens: int = -1,
                    dead: tuple[bytes, str, str, str] | None = None) -> tuple[list[str], list[Any]]:

@@ -72,6 +72,32 @@ def test_token_writes_are_contiguous_and_refuse_repeats(redis_server: RedisServe
     assert [(e.index, e.token_ids) for e in evs] == [(0, [1, 2]), (2, [3])]
 
 
+def test_many_deltas_in_one_call_each_get_their_own_verdict(redis_server: RedisServer) -> None:
+    """The publisher's batched call: every job is checked as if alone, and one job whose stream is
+    corrupt (its last event is not JSON) fails alone, with the jobs after it still written."""
+    def delta(job_id: str, entry: str, index: int, token_ids: list[int]) -> tuple[str, str, int, int, str, int]:
+        event = json.dumps({"type": "token", "index": index, "token_ids": token_ids, "text": "x" * len(token_ids)})
+        return KEYS.result(job_id), entry, index, len(token_ids), event, 60
+
+    async def body(client: Any) -> list[int]:
+        s = scripts(client, "w1")
+        mine = [await deliver(client, "w1", {"id": f"m{i}", "prompt": "hi"}) for i in range(3)]
+        theirs = await deliver(client, "w2", {"id": "t", "prompt": "hi"})
+        assert await tokens(s, "m1", mine[1], 0, [1]) == (lua.WRITTEN, 1)
+        await client.xadd(KEYS.result("m2"), {"event": "not json"})
+        keys, args = s.tokens_many_args([delta("m0", mine[0], 0, [1, 2]), delta("t", theirs, 0, [9]),
+                                         delta("m2", mine[2], 0, [5]), delta("m1", mine[1], 1, [2]),
+                                         delta("m1", mine[1], 3, [4])])
+        return [int(x) for x in await s.publish_tokens_many(keys=keys, args=args)]
+
+    reply = run(redis_server, body)
+    assert reply == [lua.WRITTEN, 2, lua.NOT_OWNER, -1, lua.ERROR, -1, lua.WRITTEN, 2, lua.GAP, 2]
+    client = redis_server.client()
+    assert [(e.index, e.token_ids) for e in events(client, "m0")] == [(0, [1, 2])]
+    assert [(e.index, e.token_ids) for e in events(client, "m1")] == [(0, [1]), (1, [2])]
+    assert events(client, "t") == []
+
+
 def test_one_final_event_and_the_ack_come_together(redis_server: RedisServer) -> None:
     async def body(client: Any) -> None:
         s = scripts(client, "w1")
