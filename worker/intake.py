@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -130,6 +131,33 @@ class JobTable:
             await asyncio.wait_for(self._changed.wait(), timeout_s)
 
 
+class OutputHandoff:
+    """Engine outputs from the engine's thread to the event loop, a burst at a time.
+
+    A call_soon_threadsafe per output (256 a step at full batch) writes the loop's wake-up pipe and
+    queues a callback each time; here outputs gather under a lock and the first of a burst schedules
+    one callback that moves all of them into the publisher's queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, put: Callable[[RequestOutput], None]) -> None:
+        self.loop = loop
+        self._put = put
+        self._lock = threading.Lock()
+        self._outputs: list[RequestOutput] = []
+
+    def __call__(self, out: RequestOutput) -> None:  # any thread; never blocks
+        with self._lock:
+            self._outputs.append(out)
+            if len(self._outputs) > 1:
+                return  # the move scheduled by the first of these has not run yet: it takes this too
+        self.loop.call_soon_threadsafe(self._move)
+
+    def _move(self) -> None:  # the loop's thread
+        with self._lock:
+            outputs, self._outputs = self._outputs, []
+        for out in outputs:
+            self._put(out)
+
+
 class Intake:
     def __init__(self, redis: Redis, settings: WorkerSettings, table: JobTable, engine: EngineFrontend,
                  publisher: Publisher) -> None:
@@ -139,6 +167,7 @@ class Intake:
         self.table = table
         self.engine = engine
         self.publisher = publisher
+        self._handoff: OutputHandoff | None = None  # made on first use, in the running loop
 
     @property
     def room(self) -> int:
@@ -252,11 +281,9 @@ class Intake:
 
     def _submit(self, running: RunningJob, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> None:
         job = running.job
-        put: Callable[[RequestOutput], None] = self.publisher.queue.put_nowait
-
-        def on_output(out: RequestOutput) -> None:  # engine thread: hand over, never block
-            loop.call_soon_threadsafe(put, out)
-
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = OutputHandoff(loop, self.publisher.queue.put_nowait)
+        on_output = self._handoff
         self.engine.submit(
             running.job_id, prompt=job.prompt, prompt_token_ids=job.prompt_token_ids,
             messages=None if job.messages is None else [m.model_dump() for m in job.messages],

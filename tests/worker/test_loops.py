@@ -103,3 +103,37 @@ def test_a_redis_outage_logs_once_per_interval_not_once_per_attempt(caplog: pyte
     assert state["calls"] > 20  # it kept trying all along
     assert len(warnings) == 1 and "Connection refused" in warnings[0].getMessage()
     assert len(recovered) == 1
+
+
+def test_output_handoff_moves_bursts_in_order_with_few_wakeups() -> None:
+    import threading
+
+    from engine.outputs import RequestOutput
+    from worker.intake import OutputHandoff
+
+    class Counting(OutputHandoff):
+        moves = 0
+
+        def _move(self) -> None:
+            Counting.moves += 1
+            super()._move()
+
+    async def main() -> list[int]:
+        got: list[int] = []
+        handoff = Counting(asyncio.get_running_loop(), lambda out: got.append(out.index))
+
+        def engine_thread() -> None:
+            for step in range(50):
+                for i in range(100):  # one step's outputs, handed over back to back
+                    handoff(RequestOutput(request_id=f"r{i}", token_ids=[1], text="", index=step * 100 + i))
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        while thread.is_alive() or len(got) < 5000:
+            await asyncio.sleep(0.001)
+        thread.join()
+        return got
+
+    got = asyncio.run(main())
+    assert got == list(range(5000))  # every output, in the order the engine produced them
+    assert Counting.moves < 5000 // 4  # bursts moved together, not one wake-up per output
