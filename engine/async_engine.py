@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
+from engine.input_processor import InputProcessor
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
@@ -42,6 +43,7 @@ class EngineFrontend(abc.ABC):
     """submit / abort / stats from any thread; outputs through per-request callbacks."""
 
     config: EngineConfig
+    inputs: InputProcessor  # validation and tokenization, in the caller's thread
     max_model_len: int
     eos_token_ids: frozenset[int]
     error: BaseException | None
@@ -56,7 +58,6 @@ class EngineFrontend(abc.ABC):
     @abc.abstractmethod
     def is_running(self) -> bool: ...
 
-    @abc.abstractmethod
     def submit(
         self,
         request_id: str,
@@ -70,6 +71,16 @@ class EngineFrontend(abc.ABC):
         on_output: OutputCallback,
     ) -> None:
         """Validate in the caller's thread (errors raise here), then queue for the loop."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine loop has died: {self.error!r}")
+        request = self.inputs.make_request(
+            request_id, prompt, prompt_token_ids=prompt_token_ids, messages=messages, params=params,
+            priority=priority, resume_token_ids=resume_token_ids)
+        self._enqueue(request, on_output)
+
+    @abc.abstractmethod
+    def _enqueue(self, request: Request, on_output: OutputCallback) -> None:
+        """Hand a validated request to the loop; its outputs go to on_output."""
 
     @abc.abstractmethod
     def abort(self, request_id: str) -> None: ...
@@ -133,6 +144,7 @@ class AsyncEngine(EngineFrontend):
     def __init__(self, config: EngineConfig, *, engine: LLMEngine | None = None) -> None:
         self.engine = engine if engine is not None else LLMEngine(config)
         self.config = config
+        self.inputs = self.engine.inputs
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = self.engine.tokenizer
         self.eos_token_ids = self.engine.eos_token_ids
@@ -164,23 +176,7 @@ class AsyncEngine(EngineFrontend):
         return self._thread is not None and self._thread.is_alive()
 
     # ---- requests ------------------------------------------------------------------------------
-    def submit(
-        self,
-        request_id: str,
-        *,
-        prompt: str | None = None,
-        prompt_token_ids: list[int] | None = None,
-        messages: list[dict[str, str]] | None = None,
-        params: SamplingParams | None = None,
-        priority: int = 0,
-        resume_token_ids: list[int] | None = None,
-        on_output: OutputCallback,
-    ) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"the engine loop has died: {self.error!r}")
-        request = self.engine.make_request(
-            request_id, prompt, prompt_token_ids=prompt_token_ids, messages=messages,
-            params=params, priority=priority, resume_token_ids=resume_token_ids)
+    def _enqueue(self, request: Request, on_output: OutputCallback) -> None:
         with self._pending_lock:
             self._num_pending += 1
         self._inbox.put(_Add(request, on_output))

@@ -53,9 +53,13 @@ def _pack(o: RequestOutput) -> list[Any]:
 
 def _unpack(p: list[Any]) -> RequestOutput:
     out = RequestOutput(*p)
-    if out.logprobs is not None:  # JSON object keys are strings; token ids are ints
-        out.logprobs = [{int(k): v for k, v in lp.items()} for lp in out.logprobs]
+    out.logprobs = _int_keys(p[4])
     return out
+
+
+def _int_keys(logprobs: list[dict[str, float]] | None) -> list[dict[int, float]] | None:
+    # JSON object keys are strings; token ids are ints.
+    return None if logprobs is None else [{int(k): v for k, v in lp.items()} for lp in logprobs]
 
 
 def _pack_request(r: Request) -> dict[str, Any]:
@@ -222,23 +226,8 @@ class MPEngine(EngineFrontend):
         return self._process.pid
 
     # ---- requests ------------------------------------------------------------------------------
-    def submit(
-        self,
-        request_id: str,
-        *,
-        prompt: str | None = None,
-        prompt_token_ids: list[int] | None = None,
-        messages: list[dict[str, str]] | None = None,
-        params: SamplingParams | None = None,
-        priority: int = 0,
-        resume_token_ids: list[int] | None = None,
-        on_output: OutputCallback,
-    ) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"the engine core has died: {self.error!r}")
-        request = self.inputs.make_request(
-            request_id, prompt, prompt_token_ids=prompt_token_ids, messages=messages, params=params,
-            priority=priority, resume_token_ids=resume_token_ids)
+    def _enqueue(self, request: Request, on_output: OutputCallback) -> None:
+        request_id = request.request_id
         detokenizer = None
         if not request.sampling_params.stop:
             with self.inputs.tokenizer_lock:
@@ -327,7 +316,7 @@ class MPEngine(EngineFrontend):
                 out.token_ids = out.token_ids + p[1]  # a fresh list: never grow the core's copy
                 out.text += p[2]
                 if p[4] is not None:
-                    out.logprobs = [*(out.logprobs or []), *(_unpack(p).logprobs or [])]
+                    out.logprobs = [*(out.logprobs or []), *(_int_keys(p[4]) or [])]
                 out.finish_reason, out.num_cached_tokens, out.extra = p[3], p[7], p[8]
                 if out.finished:
                     del open_by_id[out.request_id]
