@@ -64,14 +64,6 @@ local function publish_delta(result, jobs, group, entry_id, consumer, index, num
 end
 """
 
-# KEYS: result, jobs. ARGV: group, entry_id, consumer, index, num_tokens, event_json, ttl_s.
-# Returns {code, next_index}.
-_PUBLISH_TOKENS = _TOKENS_FN + """
-local code, next_index = publish_delta(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
-                                       tonumber(ARGV[5]), ARGV[6], ARGV[7])
-return {code, next_index}
-"""
-
 # KEYS: jobs, result_1 .. result_n. ARGV: group, consumer, then per job: entry_id, index, num_tokens,
 # event_json, ttl_s. The deltas of a whole publisher batch in one call: one command to pack, send and
 # parse instead of one per job. Returns code_1, next_1, code_2, next_2, ...; a job whose delta raised
@@ -157,24 +149,18 @@ return lost
 
 class Scripts:
     """The scripts registered on one client. The *_args helpers return (keys, args) so that a call
-    can be queued on a pipeline: `await scripts.publish_tokens(keys=k, args=a, client=pipe)`."""
+    can be queued on a pipeline: `await scripts.publish_final(keys=k, args=a, client=pipe)`."""
 
     def __init__(self, redis: Redis, jobs_key: str, dead_key: str, group: str, consumer: str) -> None:
         self.jobs_key = jobs_key
         self.dead_key = dead_key
         self.group = group
         self.consumer = consumer
-        self.publish_tokens: AsyncScript = redis.register_script(_PUBLISH_TOKENS)
         self.publish_tokens_many: AsyncScript = redis.register_script(_PUBLISH_TOKENS_MANY)
         self.publish_final: AsyncScript = redis.register_script(_PUBLISH_FINAL)
         self.dead_letter: AsyncScript = redis.register_script(_DEAD_LETTER)
         self.hand_back: AsyncScript = redis.register_script(_HAND_BACK)
         self.renew: AsyncScript = redis.register_script(_RENEW)
-
-    def tokens_args(self, result_key: str, entry_id: str, index: int, num_tokens: int, event_json: str,
-                    ttl_s: int) -> tuple[list[str], list[Any]]:
-        return ([result_key, self.jobs_key],
-                [self.group, entry_id, self.consumer, index, num_tokens, event_json, ttl_s])
 
     def tokens_many_args(self, deltas: list[tuple[str, str, int, int, str, int]]) -> tuple[list[str], list[Any]]:
         """deltas: (result_key, entry_id, index, num_tokens, event_json, ttl_s) per job."""

@@ -41,8 +41,8 @@ def scripts(client: Any, consumer: str) -> Scripts:
 
 async def tokens(s: Scripts, job_id: str, entry_id: str, index: int, token_ids: list[int]) -> tuple[int, int]:
     event = json.dumps({"type": "token", "index": index, "token_ids": token_ids, "text": "x" * len(token_ids)})
-    keys, args = s.tokens_args(KEYS.result(job_id), entry_id, index, len(token_ids), event, 60)
-    code, next_index = await s.publish_tokens(keys=keys, args=args)
+    keys, args = s.tokens_many_args([(KEYS.result(job_id), entry_id, index, len(token_ids), event, 60)])
+    code, next_index = await s.publish_tokens_many(keys=keys, args=args)
     return int(code), int(next_index)
 
 
