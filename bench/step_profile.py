@@ -49,6 +49,8 @@ def main() -> None:
     torch.cuda.synchronize()
     print(f"decode: {(time.perf_counter() - t0) / 50 * 1e3:.2f} ms/step at batch {scheduler.num_running}")
 
+    kernel_profile(engine, steps=10)
+
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(30):
@@ -87,6 +89,27 @@ def main() -> None:
     print(f"synchronised: {elapsed / 50 * 1e3:.2f} ms/step at batch {scheduler.num_running}")
     for name, total in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"{name:<20}{total / 50 * 1e3:8.3f} ms/step")
+
+
+def kernel_profile(engine: LLMEngine, steps: int) -> None:
+    """GPU time per kernel over `steps` engine steps (graph replays included: CUPTI reports the kernels
+    a graph launches), and how much of each step's wall time the GPU spent in kernels at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.self_device_time_total for e in rows)
+    print(f"kernel time {kernel_us / steps / 1e3:.2f} ms/step of {wall / steps * 1e3:.2f} ms wall "
+          f"(GPU busy {kernel_us / 1e6 / wall:.0%}) at batch {engine.scheduler.num_running}")
+    print(f"{'kernel':<72}{'calls/step':>11}{'us/step':>10}")
+    for e in sorted(rows, key=lambda e: -e.self_device_time_total)[:25]:
+        print(f"{e.key[:70]:<72}{e.count / steps:>11.1f}{e.self_device_time_total / steps:>10.1f}")
 
 
 if __name__ == "__main__":
