@@ -32,15 +32,20 @@ def parse(spec: str) -> tuple[float, float]:
 
 
 def install(spec: str) -> None:
-    """Replace ModelRunner.execute_model (class-wide) with the timed fake."""
+    """Replace ModelRunner.launch and .wait (class-wide) with the timed fake.
+
+    The fake device is a queue: a launched step starts when the previous one ends (or at launch, if
+    the device is idle) and wait() sleeps until it is done, so async scheduling overlaps the host's work
+    with the "GPU" as it would on a real one."""
     from engine.model_runner import ModelRunner
     from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
     base_ms, per_token_us = parse(spec)
 
-    def execute_model(self: Any, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def launch(self: Any, scheduler_output: SchedulerOutput) -> tuple[ModelRunnerOutput, float]:
         # The runner's own view of each request: tokens known = the prompt (and outputs, when new)
-        # plus every token it sampled since; a request samples once a step computes up to that.
+        # plus every token it sampled since, counted at launch; a request samples once a step
+        # computes up to that.
         known: dict[str, int] = self.__dict__.setdefault("_fake_known", {})
         for req_id in scheduler_output.finished_req_ids:
             known.pop(req_id, None)
@@ -56,10 +61,22 @@ def install(spec: str) -> None:
                 token_id = 2 + (hash(req_id) + known[req_id] * 2654435761) % (self.vocab_size - 2)
                 output.sampled_token_ids[req_id] = token_id
                 known[req_id] += 1
-        time.sleep((base_ms + per_token_us / 1e3 * scheduler_output.total_num_scheduled_tokens) / 1e3)
+        if scheduler_output.is_empty:
+            return output, 0.0
+        duration = (base_ms + per_token_us / 1e3 * scheduler_output.total_num_scheduled_tokens) / 1e3
+        done_at = max(time.monotonic(), self.__dict__.get("_fake_free_at", 0.0)) + duration
+        self._fake_free_at = done_at
+        return output, done_at
+
+    def wait(self: Any, handle: tuple[ModelRunnerOutput, float]) -> ModelRunnerOutput:
+        output, done_at = handle
+        delay = done_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
         return output
 
-    ModelRunner.execute_model = execute_model  # type: ignore[method-assign]
+    ModelRunner.launch = launch  # type: ignore[method-assign,assignment]
+    ModelRunner.wait = wait  # type: ignore[method-assign,assignment]
 
 
 if os.environ.get(ENV):

@@ -2,7 +2,7 @@
 
     python -m bench.host_overhead [--stream-text] [--num-steps 200] [--repeats 3] [--profile]
 
-The fake execute_model returns a fixed token for every request the real runner would sample, so what
+The fake launch returns a fixed token for every request the real runner would sample, so what
 is timed is the engine's own bookkeeping: schedule, update_from_output, the output deltas and the rest
 of LLMEngine.step. The GPU path runs exactly this code while the GPU idles between decode graphs."""
 
@@ -33,7 +33,7 @@ def install_fake_runner(engine: LLMEngine) -> None:
     """Replace the model call: a request samples when this step computes up to its last known token."""
     requests = engine.scheduler.requests
 
-    def execute_model(scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def launch(scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         output = ModelRunnerOutput()
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             request = requests[req_id]
@@ -41,7 +41,10 @@ def install_fake_runner(engine: LLMEngine) -> None:
                 output.sampled_token_ids[req_id] = FAKE_TOKEN_ID
         return output
 
-    engine.model_runner.execute_model = execute_model  # type: ignore[method-assign]
+    # The engine runs one step at a time here (async_scheduling=False): launch returns the output, and
+    # wait hands it back.
+    engine.model_runner.launch = launch  # type: ignore[method-assign,assignment]
+    engine.model_runner.wait = lambda output: output  # type: ignore[method-assign,assignment,return-value]
 
 
 def build_engine(model_dir: Path, *, stream_text: bool, num_steps: int, repeats: int) -> LLMEngine:
@@ -50,7 +53,7 @@ def build_engine(model_dir: Path, *, stream_text: bool, num_steps: int, repeats:
     num_blocks = sum(-(-(len(p) + 2 * repeats * num_steps + 64) // 16) for p in workload.prompts) + 16
     engine = LLMEngine(EngineConfig(model=str(model_dir), max_num_seqs=NUM_REQUESTS,
                                     max_num_batched_tokens=16384, max_model_len=max_model_len,
-                                    num_kv_blocks=num_blocks))
+                                    num_kv_blocks=num_blocks, async_scheduling=False))
     install_fake_runner(engine)
     params = SamplingParams(max_tokens=max_model_len, ignore_eos=True, temperature=0.0)
     for i, prompt in enumerate(workload.prompts):
@@ -86,8 +89,8 @@ def time_breakdown(engine: LLMEngine, num_steps: int) -> dict[str, float]:
         return wrapper
 
     scheduler, runner = engine.scheduler, engine.model_runner
-    fake_execute_model = runner.execute_model
-    runner.execute_model = timed("fake runner", fake_execute_model)  # type: ignore[method-assign]
+    fake_launch = runner.launch
+    runner.launch = timed("fake runner", fake_launch)  # type: ignore[method-assign]
     scheduler.schedule = timed("schedule", scheduler.schedule)  # type: ignore[method-assign]
     scheduler.update_from_output = timed("update", scheduler.update_from_output)  # type: ignore[method-assign]
     engine._delta = timed("deltas", engine._delta)  # type: ignore[method-assign]
@@ -98,7 +101,7 @@ def time_breakdown(engine: LLMEngine, num_steps: int) -> dict[str, float]:
         total = time.perf_counter() - t0
     finally:
         del scheduler.schedule, scheduler.update_from_output, engine._delta
-        runner.execute_model = fake_execute_model  # type: ignore[method-assign]
+        runner.launch = fake_launch  # type: ignore[method-assign]
     result = {name: s / num_steps * 1e3 for name, s in spent.items()}
     result["rest"] = total / num_steps * 1e3 - sum(result.values())
     return result

@@ -3,7 +3,8 @@
     python -m bench.step_profile        # GPU; prints ms/step, a cProfile of 30 steps, and a breakdown
 
 The breakdown synchronises CUDA at each piece's boundaries, so pieces add up to more than an
-unsynchronised step; it attributes GPU time to the piece that launched it."""
+unsynchronised step (and async scheduling overlaps nothing there); it attributes GPU time to the piece
+that launched it."""
 
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def main() -> None:
         return wrapper
 
     scheduler.schedule = timed("schedule", scheduler.schedule)  # type: ignore[method-assign]
+    scheduler.schedule_ahead = timed("schedule ahead", scheduler.schedule_ahead)  # type: ignore[method-assign]
     scheduler.update_from_output = timed("update", scheduler.update_from_output)  # type: ignore[method-assign]
     if runner.decode_graphs is not None:
         runner.decode_graphs.run = timed("graph replay", runner.decode_graphs.run)  # type: ignore[method-assign]

@@ -4,6 +4,7 @@ batching, side by side in one run, with the roofline from measured copy bandwidt
     python -m bench.throughput                 # full workload (GPU), Qwen3-0.6B shape
     python -m bench.throughput --quick         # small smoke run (CPU or GPU)
     python -m bench.throughput --baselines 64  # HF baselines on the first 64 requests only
+    python -m bench.throughput --baselines 0 --async-scheduling both   # ours with and without, one run
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace) -> dict[str, float]:
+def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace,
+             async_scheduling: bool = True) -> dict[str, float]:
     from engine import EngineConfig, SamplingParams
     from engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(
         model=str(model_dir), device=args.device, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization))
+        enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+        async_scheduling=async_scheduling))
     params = [SamplingParams(max_tokens=n, temperature=args.temperature, ignore_eos=True)
               for n in workload.output_lens]
     # Warm-up: a few requests through every path (prefill, decode, CUDA graph capture).
@@ -149,6 +152,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", choices=["on", "off", "both"], default="on",
+                        help="both: our engine twice, without then with (rows 'tokenrelay sync' / 'tokenrelay')")
     parser.add_argument("--json", default=None, help="write the results here (default: $OUT or bench/out)")
     args = parser.parse_args()
 
@@ -175,7 +180,11 @@ def main() -> None:
         floor_s = (kv_bytes + w_bytes) / bandwidth
         results.update(roofline_s=floor_s, roofline_tok_s=workload.num_output_tokens / floor_s,
                        kv_read_tb=kv_bytes / 1e12, weight_read_tb=w_bytes / 1e12)
-        results["ours"] = run_ours(model_dir, workload, args)
+        if args.async_scheduling in ("off", "both"):
+            results["ours_sync" if args.async_scheduling == "both" else "ours"] = run_ours(
+                model_dir, workload, args, async_scheduling=False)
+        if args.async_scheduling in ("on", "both"):
+            results["ours"] = run_ours(model_dir, workload, args)
         if args.baselines:
             subset = Workload(workload.prompts[:args.baselines], workload.output_lens[:args.baselines])
             results["baseline_requests"] = len(subset.prompts)
@@ -197,7 +206,11 @@ def main() -> None:
     print(f"{'engine':<28}{'tok/s':>10}{'wall s':>10}{'of roofline':>13}")
     roof = float(results["roofline_tok_s"])  # type: ignore[arg-type]
     print(f"{'roofline':<28}{roof:>10.0f}{float(results['roofline_s']):>10.2f}{1.0:>13.2f}")  # type: ignore[arg-type]
-    print(f"{'tokenrelay':<28}{ours['tok_s']:>10.0f}{ours['wall_s']:>10.2f}{ours['tok_s'] / roof:>13.3f}")
+    sync = results.get("ours_sync")
+    if isinstance(sync, dict):
+        print(f"{'tokenrelay sync':<28}{sync['tok_s']:>10.0f}{sync['wall_s']:>10.2f}{sync['tok_s'] / roof:>13.3f}")
+    label = "tokenrelay" if args.async_scheduling != "off" else "tokenrelay sync"
+    print(f"{label:<28}{ours['tok_s']:>10.0f}{ours['wall_s']:>10.2f}{ours['tok_s'] / roof:>13.3f}")
     for key, label in (("hf_static", "HF static (bs 64)"), ("hf_continuous", "HF continuous batching")):
         r = results.get(key)
         if isinstance(r, dict) and "tok_s" in r:

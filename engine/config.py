@@ -25,6 +25,9 @@ class EngineConfig:
     waiting_served_ratio: float | None = None  # TGI admission: admit when waiting >= ratio * running
     max_waiting_steps: int | None = None  # ...or when this many steps passed without admission
     enforce_eager: bool = False  # GPU: disable CUDA graphs for decode
+    # Schedule and launch step n+1 before step n's sampled tokens reach the host (they feed it on the
+    # device), so the host's per-step work overlaps the GPU's. False: one step at a time.
+    async_scheduling: bool = True
     seed: int = 0  # seeds unseeded requests' randomness, so a run is reproducible end to end
 
     def __post_init__(self) -> None:

@@ -32,10 +32,11 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, forward: ModelForward, block_table: torch.Tensor, *, max_num_seqs: int,
-                 max_model_len: int, block_size: int) -> None:
+    def __init__(self, forward: ModelForward, block_table: torch.Tensor, token_buffer: torch.Tensor, *,
+                 max_num_seqs: int, max_model_len: int, block_size: int) -> None:
         self.forward = forward
         self.block_table = block_table  # [num_rows, max_blocks] int32 on the device, owned by the runner
+        self.token_buffer = token_buffer  # [num_rows] int64: each row's last sampled token, owned by the runner
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         self.max_batch_size = self.batch_sizes[-1]
         self.max_model_len = max_model_len
@@ -44,7 +45,10 @@ class DecodeGraphs:
         n = self.max_batch_size
         # Static inputs: a replay reads whatever these hold, so each step copies into them.
         self.packed = torch.zeros((4, n), dtype=torch.int64, device=device)
-        self.staging = torch.zeros((4, n), dtype=torch.int64).pin_memory()
+        # Two pinned staging buffers, used in turn: with async scheduling step n+1 is staged while step n's
+        # copy may still sit in the stream's queue; step n-1's copy has run (its tokens were read).
+        self.staging = [torch.zeros((4, n), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._num_runs = 0
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token each
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -54,6 +58,9 @@ class DecodeGraphs:
         positions = packed[POSITIONS]
         seq_lens = packed[SEQ_LENS].to(torch.int32)
         block_tables = self.block_table.index_select(0, packed[TABLE_ROWS])  # [B, max_blocks]
+        # -1: the token was sampled by a step whose output the host has not read yet (async scheduling).
+        input_ids = packed[INPUT_IDS]
+        input_ids = torch.where(input_ids >= 0, input_ids, self.token_buffer.index_select(0, packed[TABLE_ROWS]))
         block_ids = block_tables.gather(1, (positions // self.block_size)[:, None]).squeeze(1).long()
         slot_mapping = block_ids * self.block_size + positions % self.block_size
         slot_mapping = torch.where(seq_lens > 0, slot_mapping, PAD_SLOT_ID)  # padded rows write nothing
@@ -62,7 +69,7 @@ class DecodeGraphs:
         meta = AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=self.query_start_loc[:batch_size + 1],
                                  seq_lens=seq_lens, block_tables=block_tables, max_query_len=1,
                                  max_seq_len=self.max_model_len)
-        return self.forward(packed[INPUT_IDS], positions, meta)
+        return self.forward(input_ids, positions, meta)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -83,18 +90,21 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_batch_size
 
+    def table_rows(self, num_seqs: int) -> torch.Tensor:
+        """The block-table rows of the last run's requests, on the device (valid until the next run)."""
+        return self.packed[TABLE_ROWS, :num_seqs]
+
     def run(self, input_ids: list[int], positions: list[int], table_rows: list[int]) -> torch.Tensor:
         """One decode step of B requests; returns hidden states [B, hidden] (a view, valid until the
-        next replay)."""
+        next replay). An input id of -1 is read from the token buffer at the request's row."""
         num_seqs = len(input_ids)
         bs = next(b for b in self.batch_sizes if b >= num_seqs)
-        staging = self.staging[:, :bs]
+        staging = self.staging[self._num_runs % 2][:, :bs]
+        self._num_runs += 1
         staging[:, :num_seqs] = torch.tensor([input_ids, positions, table_rows,
                                               [p + 1 for p in positions]], dtype=torch.int64)
         if bs > num_seqs:
             staging[:, num_seqs:] = 0  # padding: token 0 at row PADDING_ROW with seq_len 0
-        # The staging buffer is reused next step only after this step's tokens reached the host, so
-        # the asynchronous copy has long finished by then.
         self.packed[:, :bs].copy_(staging, non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:num_seqs]

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.input_processor import InputProcessor, read_model_config
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepHandle
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.scheduler_output import ModelRunnerOutput
+from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.stats import EngineStats
 
 logger = logging.getLogger("tokenrelay.engine")
@@ -58,6 +58,8 @@ class LLMEngine:
         self._timings: dict[str, _Timing] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborts reported by the next step()
         self._no_text: set[str] = set()  # requests whose text another process decodes
+        # Async scheduling: the step launched ahead by the last step() call, its tokens not yet read.
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.peak_kv_usage = 0.0
@@ -138,12 +140,31 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step's outputs. With async scheduling the next step is scheduled and launched before
+        this one's tokens are read, so the GPU runs it while the host updates and detokenizes."""
         outputs, self._pending_outputs = self._pending_outputs, []
-        scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
-            runner_output = ModelRunnerOutput()
+        if self._inflight is not None:
+            scheduler_output, handle = self._inflight
+            self._inflight = None
         else:
-            runner_output = self.model_runner.execute_model(scheduler_output)
+            scheduler_output = self.scheduler.schedule()
+            handle = self.model_runner.launch(scheduler_output)
+        if (self.config.async_scheduling and not scheduler_output.is_empty
+                and self.scheduler.can_schedule_ahead()):
+            ahead = self.scheduler.schedule_ahead()
+            if ahead is not None:
+                self._inflight = (ahead, self.model_runner.launch(ahead))
+        outputs += self._update(scheduler_output, self.model_runner.wait(handle))
+        if self._inflight is not None and not self.scheduler.has_unfinished_requests():
+            # Every request ended (EOS, stop strings, aborts) under the step launched ahead: it only
+            # computed dropped rows. Read it now, so an idle engine holds nothing in flight.
+            ahead, handle = self._inflight
+            self._inflight = None
+            self._update(ahead, self.model_runner.wait(handle))
+        return outputs
+
+    def _update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         self.num_steps += 1
         self._track_kv_peak()

@@ -34,6 +34,9 @@ class CachedRequestState:
     seed: int
     num_computed_tokens: int
     table_row: int = PADDING_ROW  # this request's row of the runner's device block table
+    # Tokens sampled by launched steps but not yet on the host (async scheduling): the newest one is
+    # in the runner's token_buffer at table_row, and a step launched now reads it from there.
+    num_pending: int = 0
     # Block table as an int32 CPU tensor grown in place, so a step stacks rows without a per-block loop.
     block_table: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
     num_blocks: int = 0
@@ -68,6 +71,9 @@ class ModelRunner:
         self.num_kv_heads: int = model_cfg.num_kv_heads
         self.head_dim: int = model_cfg.head_dim
         self.sampler = Sampler()
+        # The last token sampled for each block-table row, on the device: a step launched before the
+        # previous step's tokens reach the host (async scheduling) takes its inputs from here.
+        self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: torch.Tensor | None = None
         self.decode_graphs: DecodeGraphs | None = None
@@ -156,7 +162,8 @@ class ModelRunner:
         max_blocks = -(-self.max_model_len // self.block_size)
         self.block_table_device = torch.zeros((self.config.max_num_seqs + 1, max_blocks), dtype=torch.int32,
                                               device=self.device)
-        graphs = DecodeGraphs(self.model, self.block_table_device, max_num_seqs=self.config.max_num_seqs,
+        graphs = DecodeGraphs(self.model, self.block_table_device, self.token_buffer,
+                              max_num_seqs=self.config.max_num_seqs,
                               max_model_len=self.max_model_len, block_size=self.block_size)
         graphs.capture()
         self.decode_graphs = graphs
@@ -194,42 +201,79 @@ class ModelRunner:
         index = torch.tensor([rows, cols, vals], dtype=torch.int64).to(self.device, non_blocking=True)
         self.block_table_device[index[0], index[1]] = index[2].to(torch.int32)
 
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        assert self.kv_cache is not None, "allocate_kv_cache must run before execute_model"
+        """One step, waiting for its tokens."""
+        return self.wait(self.launch(scheduler_output))
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Queue one step's forward and sampling on the device; wait() brings its tokens to the host.
+
+        Steps may be launched before the previous one's tokens reached the host: a request whose last
+        token is still pending reads it from token_buffer on the device."""
+        assert self.kv_cache is not None, "allocate_kv_cache must run before launch"
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput()
+            return StepHandle()
         states = [self.requests[req_id] for req_id in scheduler_output.num_scheduled_tokens]
         num_scheduled = list(scheduler_output.num_scheduled_tokens.values())
         num_computed = [s.num_computed_tokens for s in states]
         graphs = self.decode_graphs
         if (graphs is not None and graphs.can_run(len(states))
-                and all(c + 1 == len(s.token_ids) for s, c in zip(states, num_computed, strict=True))
+                and all(c + 1 == len(s.token_ids) + s.num_pending for s, c in zip(states, num_computed, strict=True))
                 and all(n == 1 for n in num_scheduled)):
             # Pure decode: every request computes its last token and samples the next one.
-            hidden = graphs.run([s.token_ids[-1] for s in states], num_computed,
+            hidden = graphs.run([-1 if s.num_pending else s.token_ids[-1] for s in states], num_computed,
                                 [s.table_row for s in states])
             sampled, logits_indices = states, None
+            sampled_rows = graphs.table_rows(len(states))
         else:
             step = self._prepare_inputs(states, num_scheduled, num_computed)
-            hidden = self.model(*step.to_device(self.device))  # [T, hidden]
+            hidden = self.model(*step.to_device(self.device, self.token_buffer))  # [T, hidden]
             sampled, logits_indices = step.sampled, step.logits_indices.to(self.device)
+            sampled_rows = torch.tensor([s.table_row for s in sampled], dtype=torch.int64).to(
+                self.device, non_blocking=True)
         if not sampled:
-            return ModelRunnerOutput()
+            return StepHandle()
         rows = hidden if logits_indices is None else hidden[logits_indices]
-        logits = self.model.compute_logits(rows).float()  # [N, vocab]
         metadata = SamplingMetadata.from_params(
-            [s.sampling_params for s in sampled], [s.seed for s in sampled], [len(s.token_ids) for s in sampled],
+            [s.sampling_params for s in sampled], [s.seed for s in sampled],
+            [len(s.token_ids) + s.num_pending for s in sampled],
             [s.token_ids for s in sampled], [s.num_prompt_tokens for s in sampled], self.vocab_size, self.device)
+        logits = self.model.compute_logits(rows)  # [N, vocab] in the model's dtype
+        if not (metadata.is_all_greedy and metadata.max_num_logprobs is None
+                and metadata.repetition_penalty is None):
+            # Plain greedy takes the argmax of the model's own logits: the fp32 upcast is exact, so it
+            # would pick the same token, after a [N, vocab] copy (~0.2 ms a step at 256 x 151,936).
+            logits = logits.float()
+        assert metadata.output_token_ids is None or not any(s.num_pending for s in sampled), \
+            "penalties read the output tokens on the host: schedule such a step with nothing in flight"
         token_ids, logprobs = self.sampler(logits, metadata)
-        token_id_list: list[int] = token_ids.tolist()  # the step's one host sync
+        self.token_buffer.index_copy_(0, sampled_rows, token_ids)
+        for state in sampled:
+            state.num_pending += 1
+        if self.device.type == "cuda":
+            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            host.copy_(token_ids, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return StepHandle(sampled, host, event, logprobs)
+        return StepHandle(sampled, token_ids, None, logprobs)
+
+    def wait(self, handle: StepHandle) -> ModelRunnerOutput:
+        """Block until a launched step's tokens are on the host (the step's one sync) and record them."""
         output = ModelRunnerOutput()
-        for state, token_id in zip(sampled, token_id_list, strict=True):
+        if handle.token_ids is None:
+            return output
+        if handle.event is not None:
+            handle.event.synchronize()
+        token_id_list: list[int] = handle.token_ids.tolist()
+        for state, token_id in zip(handle.sampled, token_id_list, strict=True):
             state.token_ids.append(token_id)
+            state.num_pending -= 1
             output.sampled_token_ids[state.req_id] = token_id
-        if logprobs is not None:
-            output.logprobs = _logprobs_to_dicts(sampled, token_id_list, logprobs)
+        if handle.logprobs is not None:
+            output.logprobs = _logprobs_to_dicts(handle.sampled, token_id_list, handle.logprobs)
         return output
 
     def _prepare_inputs(self, states: list[CachedRequestState], num_scheduled: list[int],
@@ -239,9 +283,11 @@ class ModelRunner:
         if all(n == 1 for n in num_scheduled):
             return self._prepare_decode(states, num_computed)
         num_tokens = sum(num_scheduled)
+        # A pending token (async scheduling) is the last of its request's chunk: -1 here, filled on the
+        # device from token_buffer.
         input_ids = torch.tensor(list(itertools.chain.from_iterable(
-            s.token_ids[c:c + n] for s, c, n in zip(states, num_computed, num_scheduled, strict=True))),
-            dtype=torch.int64)
+            s.token_ids[c:c + n] + [-1] * (c + n - len(s.token_ids))
+            for s, c, n in zip(states, num_computed, num_scheduled, strict=True))), dtype=torch.int64)
         num_scheduled_t = torch.tensor(num_scheduled, dtype=torch.int64)
         num_computed_t = torch.tensor(num_computed, dtype=torch.int64)
         query_start_loc = torch.zeros(len(states) + 1, dtype=torch.int64)
@@ -255,10 +301,14 @@ class ModelRunner:
         seq_lens = num_computed_t + num_scheduled_t
         # Only rows that reach the end of the request's known tokens produce a token; a partial
         # prefill chunk samples nothing.
-        is_sampled = [c + n == len(s.token_ids) for s, c, n in zip(states, num_computed, num_scheduled, strict=True)]
+        is_sampled = [c + n == len(s.token_ids) + s.num_pending
+                      for s, c, n in zip(states, num_computed, num_scheduled, strict=True)]
         logits_indices = query_start_loc[1:][torch.tensor(is_sampled, dtype=torch.bool)] - 1
+        token_rows = None
+        if any(s.num_pending for s in states):
+            token_rows = torch.tensor([s.table_row for s in states], dtype=torch.int64)[req_indices]
         return StepInputs(
-            input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+            input_ids=input_ids, token_rows=token_rows, positions=positions, slot_mapping=slot_mapping,
             query_start_loc=query_start_loc.to(torch.int32), seq_lens=seq_lens.to(torch.int32),
             block_tables=block_tables, max_query_len=max(num_scheduled),
             max_seq_len=max(c + n for c, n in zip(num_computed, num_scheduled, strict=True)),
@@ -269,8 +319,11 @@ class ModelRunner:
         """One token per request (the common step): no repeat_interleave, no per-token Python."""
         num_seqs = len(states)
         positions = torch.tensor(num_computed, dtype=torch.int64)
-        input_ids = torch.tensor([s.token_ids[c] for s, c in zip(states, num_computed, strict=True)],
-                                 dtype=torch.int64)
+        input_ids = torch.tensor([-1 if c == len(s.token_ids) else s.token_ids[c]
+                                  for s, c in zip(states, num_computed, strict=True)], dtype=torch.int64)
+        token_rows = None
+        if any(s.num_pending for s in states):
+            token_rows = torch.tensor([s.table_row for s in states], dtype=torch.int64)
         block_tables = torch.nn.utils.rnn.pad_sequence(
             [s.block_table[:s.num_blocks] for s in states], batch_first=True)  # [B, max_blocks] int32
         rows = torch.arange(num_seqs)
@@ -278,9 +331,9 @@ class ModelRunner:
                         + positions % self.block_size)
         # A decode row samples unless the request still has known tokens after this one (a resumed
         # request's last prompt token is computed by a prefill chunk, never here).
-        is_sampled = [c + 1 == len(s.token_ids) for s, c in zip(states, num_computed, strict=True)]
+        is_sampled = [c + 1 == len(s.token_ids) + s.num_pending for s, c in zip(states, num_computed, strict=True)]
         return StepInputs(
-            input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+            input_ids=input_ids, token_rows=token_rows, positions=positions, slot_mapping=slot_mapping,
             query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
             seq_lens=(positions + 1).to(torch.int32), block_tables=block_tables, max_query_len=1,
             max_seq_len=max(num_computed) + 1,
@@ -289,10 +342,21 @@ class ModelRunner:
 
 
 @dataclass
+class StepHandle:
+    """A launched step: its sampled tokens on their way to the host (empty when nothing samples)."""
+
+    sampled: list[CachedRequestState] = field(default_factory=list)
+    token_ids: torch.Tensor | None = None  # [N] int64: pinned host memory on CUDA, filled by the copy
+    event: torch.cuda.Event | None = None  # recorded after that copy
+    logprobs: SampleLogprobs | None = None
+
+
+@dataclass
 class StepInputs:
     """One step's model inputs, built on the CPU."""
 
-    input_ids: torch.Tensor  # [T] int64
+    input_ids: torch.Tensor  # [T] int64; -1 where the token is pending (in token_buffer)
+    token_rows: torch.Tensor | None  # [T] int64 token_buffer rows, when some input is pending
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
     query_start_loc: torch.Tensor  # [B+1] int32
@@ -303,12 +367,17 @@ class StepInputs:
     logits_indices: torch.Tensor  # [N] rows of the hidden states to sample from
     sampled: list[CachedRequestState]  # the N requests that produce a token this step
 
-    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def to_device(self, device: torch.device, token_buffer: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids = self.input_ids.to(device)
+        if self.token_rows is not None:
+            pending = token_buffer.index_select(0, self.token_rows.to(device))
+            input_ids = torch.where(input_ids >= 0, input_ids, pending)
         attn_metadata = AttentionMetadata(
             slot_mapping=self.slot_mapping.to(device), query_start_loc=self.query_start_loc.to(device),
             seq_lens=self.seq_lens.to(device), block_tables=self.block_tables.to(device),
             max_query_len=self.max_query_len, max_seq_len=self.max_seq_len)
-        return self.input_ids.to(device), self.positions.to(device), attn_metadata
+        return input_ids, self.positions.to(device), attn_metadata
 
 
 def _logprobs_to_dicts(states: list[CachedRequestState], token_ids: list[int], logprobs: SampleLogprobs

@@ -39,6 +39,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # Tokens scheduled in a launched step whose output the scheduler has not seen yet (async scheduling);
+    # num_computed_tokens catches up in update_from_output.
+    num_inflight_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until scheduled (stats only)
     num_preemptions: int = 0
     # prompt + outputs, kept as one list because the model runner and the prefix hash read it whole.

@@ -104,7 +104,8 @@ class Sampler:
 
 
 def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> tuple[torch.Tensor, SampleLogprobs | None]:
-    """logits [N, V] fp32 (raw model output) -> (token_ids [N] int64, logprobs or None). No host sync."""
+    """logits [N, V] fp32 (raw model output; any float dtype for an all-greedy batch without logprobs)
+    -> (token_ids [N] int64, logprobs or None). No host sync."""
     md = metadata
     logprobs_src = logits
     if md.repetition_penalty is not None:

@@ -104,6 +104,7 @@ class Scheduler:
         self._finished_req_ids: set[str] = set()  # since the last schedule(), for the runner
         self._num_preemptions = 0
         self._num_steps_since_admission = 0
+        self._ahead_blocked = False  # schedule_ahead() ran out of blocks: the next step must preempt
 
     # ---- requests in and out ------------------------------------------------------------------
 
@@ -152,7 +153,9 @@ class Scheduler:
     # ---- one step -----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        """The next step, with no step in flight (async scheduling: see schedule_ahead)."""
         output = SchedulerOutput()
+        self._ahead_blocked = False
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(output, budget)
         # No admission in a step that preempted: the freed blocks would only be fought over again.
@@ -202,6 +205,7 @@ class Scheduler:
             num_scheduled_tokens[request.request_id] = num_new_tokens
             cached_requests.append(CachedRequestData(
                 req_id=request.request_id, new_block_ids=block_ids, num_computed_tokens=num_computed_tokens))
+            request.num_inflight_tokens = num_new_tokens
             budget -= num_new_tokens
         return budget
 
@@ -229,7 +233,77 @@ class Scheduler:
                 num_computed_tokens=num_hit_tokens, sampling_params=request.sampling_params,
                 seed=request.seed))
             output.num_scheduled_tokens[request.request_id] = num_new_tokens
+            request.num_inflight_tokens = num_new_tokens
             budget -= num_new_tokens
+
+    # ---- async scheduling: the next step, scheduled while this one runs -----------------------
+
+    def can_schedule_ahead(self) -> bool:
+        """Whether schedule_ahead() may run now, one step being in flight.
+
+        Not when a waiting request could be admitted (admission, like preemption, happens in a
+        schedule() with nothing in flight, so a request never joins or leaves the batch under a step
+        that still carries its old state), nor after schedule_ahead() ran out of blocks, nor when a
+        running request uses penalties (the sampler would need the in-flight token on the host)."""
+        if self._ahead_blocked:
+            return False
+        head = self.waiting.peek()
+        if (head is not None and len(self.running) < self.config.max_num_seqs and self._admission_allowed()
+                and self.kv_cache_manager.num_free_blocks * self.block_size > head.num_tokens):
+            return False  # (a head that cannot get its blocks waits either way: no reason to stop)
+        return not any(request.sampling_params.has_penalties for request in self.running)
+
+    def schedule_ahead(self) -> SchedulerOutput | None:
+        """Schedule the running requests' next step while the previous one is still in flight.
+
+        A request whose in-flight step samples a token gets one decode token whose id only the
+        device knows yet (the runner feeds it from the sampled ids); one in a prefill chunk gets its
+        next chunk. A request whose in-flight token will be its last (max_tokens, max_model_len) is
+        left out; one that stops on EOS or a stop string there runs one wasted row, dropped in
+        update_from_output. Never admits or preempts: when blocks run out it stops, and the next step
+        is scheduled with nothing in flight. Returns None when nothing was scheduled (the
+        finished-request ids then stay for the next schedule)."""
+        output = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        kv = self.kv_cache_manager
+        block_size = self.block_size
+        max_seq_len = self.max_seq_len
+        num_scheduled_tokens = output.num_scheduled_tokens
+        cached_requests = output.cached_requests
+        for request in self.running:
+            if budget == 0:
+                break
+            num_inflight = request.num_inflight_tokens
+            num_computed_tokens = request.num_computed_tokens + num_inflight
+            num_tokens = request.num_tokens
+            if num_computed_tokens >= num_tokens:  # the in-flight step samples this request's next token
+                if (request.num_output_tokens + 1 >= request.sampling_params.max_tokens
+                        or num_tokens + 1 >= max_seq_len):
+                    continue  # that token is its last
+                num_new_tokens = 1
+            else:
+                num_new_tokens = min(num_tokens - num_computed_tokens, budget)
+            num_last_block_tokens = num_computed_tokens % block_size
+            if num_last_block_tokens and num_last_block_tokens + num_new_tokens <= block_size:
+                block_ids: list[int] | None = []
+            else:
+                # allocate_slots counts from num_computed_tokens: the in-flight tokens come first.
+                block_ids = kv.allocate_slots(request, num_inflight + num_new_tokens)
+            if block_ids is None:
+                self._ahead_blocked = True
+                break
+            num_scheduled_tokens[request.request_id] = num_new_tokens
+            cached_requests.append(CachedRequestData(
+                req_id=request.request_id, new_block_ids=block_ids, num_computed_tokens=num_computed_tokens))
+            request.num_inflight_tokens = num_inflight + num_new_tokens
+            budget -= num_new_tokens
+        if not num_scheduled_tokens:
+            return None
+        self._num_steps_since_admission += 1
+        output.total_num_scheduled_tokens = sum(num_scheduled_tokens.values())
+        output.finished_req_ids = self._finished_req_ids
+        self._finished_req_ids = set()
+        return output
 
     def _admission_allowed(self) -> bool:
         ratio = self.config.waiting_served_ratio
@@ -256,6 +330,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_inflight_tokens = 0
         request.num_preemptions += 1
         self._num_preemptions += 1
         self.waiting.push(request, front=True)
@@ -282,6 +357,7 @@ class Scheduler:
                 continue  # aborted (or preempted) after this step was scheduled
             num_computed_before = request.num_computed_tokens
             num_computed_tokens = request.num_computed_tokens = num_computed_before + num_tokens
+            request.num_inflight_tokens -= num_tokens
             # Every block below num_computed_before // block_size is registered already (admission
             # registers a prefix hit, each update what it filled): only a crossed boundary adds one.
             if num_computed_tokens // block_size != num_computed_before // block_size:

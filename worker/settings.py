@@ -55,6 +55,8 @@ class WorkerSettings(BaseSettings):
         "TGI admission: admit prompts when waiting >= ratio x running; unset: always"))
     max_waiting_steps: int | None = Field(default=None, description="...or after this many steps without admission")
     enforce_eager: bool = Field(default=False, description="GPU: no CUDA graphs for decode")
+    async_scheduling: bool = Field(default=True, description=(
+        "launch step n+1 before step n's tokens reach the host (host work overlaps the GPU)"))
     engine_process: bool = Field(default=True, description=(
         "step loop in a child process, text decoding and Redis here in parallel; false: a thread"))
     seed: int = Field(default=0, description="seeds unseeded jobs' sampling, for reproducible runs")
@@ -119,7 +121,7 @@ class WorkerSettings(BaseSettings):
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching, scheduling_policy=self.scheduling_policy,
             waiting_served_ratio=self.waiting_served_ratio, max_waiting_steps=self.max_waiting_steps,
-            enforce_eager=self.enforce_eager, seed=self.seed)
+            enforce_eager=self.enforce_eager, async_scheduling=self.async_scheduling, seed=self.seed)
 
 
 def settings_help() -> str:
