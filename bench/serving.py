@@ -406,6 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-fractions", default=None,
                    help="comma-separated fractions of the saturation rate for the load sweep (e.g. 0.5)")
     p.add_argument("--no-knob-sweeps", action="store_true", help="skip the waiting_served_ratio / budget sweeps")
+    p.add_argument("--sweeps", default="load,ratio,budget", help=(
+        "which sweeps run (comma list of load, ratio, budget): one device call may not fit them all"))
     p.add_argument("--redis-url", default=None, help="use this Redis (default: start a redis-server)")
     p.add_argument("--no-worker", action="store_true", help="an external worker serves --prefix (no knob sweeps)")
     p.add_argument("--prefix", default="bench")
@@ -457,6 +459,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ratios = [0.0, 0.5, 1.2, 3.0] if quick else [0.0, 0.3, 1.2, 3.0]
     args.budgets = [32, 64, 128, 256] if quick else [2048, 4096, 8192, 16384]
     args.sweep_fraction = 0.75  # knob sweeps run at this fraction of the saturation rate
+    args.sweeps = {name.strip() for name in args.sweeps.split(",") if name.strip()}
+    unknown = args.sweeps - {"load", "ratio", "budget"}
+    if unknown:
+        raise SystemExit(f"--sweeps: unknown {sorted(unknown)}; choose from load, ratio, budget")
     return args
 
 
@@ -498,18 +504,18 @@ def main(argv: list[str] | None = None) -> None:
                 report["queue_overhead_ratio"] = burst.tok_s / report["offline_tok_s"]
             if args.rate is not None:
                 report["load_sweep"].append(bench.run(workload, args.rate, f"rate {args.rate:g}").summary())
-            elif not (args.no_sweep or args.burst):
+            elif not (args.no_sweep or args.burst) and "load" in args.sweeps:
                 for fraction in args.load_fractions:
                     rate = fraction * sat
                     report["load_sweep"].append(bench.run(workload, rate, f"load {fraction:.0%}").summary())
             if not (args.no_sweep or args.burst or args.no_worker or args.no_knob_sweeps):
                 rate = args.sweep_fraction * sat
-                for ratio in args.ratios:
+                for ratio in args.ratios if "ratio" in args.sweeps else []:
                     bench.use_worker(WorkerKnobs(**{**knobs.__dict__, "waiting_served_ratio": ratio or None,
                                                     "max_waiting_steps": 20 if ratio else None}))
                     row = bench.run(workload, rate, f"ratio {ratio:g}").summary()
                     report["ratio_sweep"].append({**row, "knob": ratio})
-                for budget in args.budgets:
+                for budget in args.budgets if "budget" in args.sweeps else []:
                     bench.use_worker(WorkerKnobs(**{**knobs.__dict__, "max_num_batched_tokens": budget}))
                     row = bench.run(workload, rate, f"budget {budget}").summary()
                     report["budget_sweep"].append({**row, "knob": budget})
