@@ -22,6 +22,13 @@ ModelForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.T
 # Rows of the packed per-step input.
 INPUT_IDS, POSITIONS, TABLE_ROWS, SEQ_LENS = range(4)
 PADDING_ROW = 0  # block-table row of padded batch slots (never assigned to a request)
+# An input id the host does not know yet (async scheduling): the previous step sampled it on the device.
+PENDING_TOKEN = -1
+
+
+def fill_pending_tokens(input_ids: torch.Tensor, token_buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Replace each PENDING_TOKEN by the last token sampled for its request's row (token_buffer[row])."""
+    return torch.where(input_ids == PENDING_TOKEN, token_buffer.index_select(0, rows), input_ids)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -58,9 +65,7 @@ class DecodeGraphs:
         positions = packed[POSITIONS]
         seq_lens = packed[SEQ_LENS].to(torch.int32)
         block_tables = self.block_table.index_select(0, packed[TABLE_ROWS])  # [B, max_blocks]
-        # -1: the token was sampled by a step whose output the host has not read yet (async scheduling).
-        input_ids = packed[INPUT_IDS]
-        input_ids = torch.where(input_ids >= 0, input_ids, self.token_buffer.index_select(0, packed[TABLE_ROWS]))
+        input_ids = fill_pending_tokens(packed[INPUT_IDS], self.token_buffer, packed[TABLE_ROWS])
         block_ids = block_tables.gather(1, (positions // self.block_size)[:, None]).squeeze(1).long()
         slot_mapping = block_ids * self.block_size + positions % self.block_size
         slot_mapping = torch.where(seq_lens > 0, slot_mapping, PAD_SLOT_ID)  # padded rows write nothing
@@ -96,7 +101,7 @@ class DecodeGraphs:
 
     def run(self, input_ids: list[int], positions: list[int], table_rows: list[int]) -> torch.Tensor:
         """One decode step of B requests; returns hidden states [B, hidden] (a view, valid until the
-        next replay). An input id of -1 is read from the token buffer at the request's row."""
+        next replay). An input id of PENDING_TOKEN is read from the token buffer at the request's row."""
         num_seqs = len(input_ids)
         bs = next(b for b in self.batch_sizes if b >= num_seqs)
         staging = self.staging[self._num_runs % 2][:, :bs]

@@ -15,7 +15,7 @@ import torch
 
 from engine.attention import AttentionMetadata, bind_kv_cache, release_kv_cache
 from engine.config import EngineConfig
-from engine.cuda_graphs import PADDING_ROW, DecodeGraphs
+from engine.cuda_graphs import PADDING_ROW, PENDING_TOKEN, DecodeGraphs, fill_pending_tokens
 from engine.errors import UnsupportedModelError
 from engine.loader import load_model, resolve_dtype, resolve_model_dir
 from engine.sampler import SampleLogprobs, Sampler, SamplingMetadata
@@ -40,6 +40,11 @@ class CachedRequestState:
     # Block table as an int32 CPU tensor grown in place, so a step stacks rows without a per-block loop.
     block_table: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
     num_blocks: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens known to this runner: on the host, plus the pending ones still on the device."""
+        return len(self.token_ids) + self.num_pending
 
     def append_block_ids(self, block_ids: list[int]) -> None:
         if not block_ids:
@@ -220,10 +225,10 @@ class ModelRunner:
         num_computed = [s.num_computed_tokens for s in states]
         graphs = self.decode_graphs
         if (graphs is not None and graphs.can_run(len(states))
-                and all(c + 1 == len(s.token_ids) + s.num_pending for s, c in zip(states, num_computed, strict=True))
+                and all(c + 1 == s.num_tokens for s, c in zip(states, num_computed, strict=True))
                 and all(n == 1 for n in num_scheduled)):
             # Pure decode: every request computes its last token and samples the next one.
-            hidden = graphs.run([-1 if s.num_pending else s.token_ids[-1] for s in states], num_computed,
+            hidden = graphs.run([PENDING_TOKEN if s.num_pending else s.token_ids[-1] for s in states], num_computed,
                                 [s.table_row for s in states])
             sampled, logits_indices = states, None
             sampled_rows = graphs.table_rows(len(states))
@@ -238,7 +243,7 @@ class ModelRunner:
         rows = hidden if logits_indices is None else hidden[logits_indices]
         metadata = SamplingMetadata.from_params(
             [s.sampling_params for s in sampled], [s.seed for s in sampled],
-            [len(s.token_ids) + s.num_pending for s in sampled],
+            [s.num_tokens for s in sampled],
             [s.token_ids for s in sampled], [s.num_prompt_tokens for s in sampled], self.vocab_size, self.device)
         logits = self.model.compute_logits(rows)  # [N, vocab] in the model's dtype
         if not (metadata.is_all_greedy and metadata.max_num_logprobs is None
@@ -283,10 +288,10 @@ class ModelRunner:
         if all(n == 1 for n in num_scheduled):
             return self._prepare_decode(states, num_computed)
         num_tokens = sum(num_scheduled)
-        # A pending token (async scheduling) is the last of its request's chunk: -1 here, filled on the
-        # device from token_buffer.
+        # A pending token (async scheduling) is the last of its request's chunk: PENDING_TOKEN here,
+        # filled on the device from token_buffer.
         input_ids = torch.tensor(list(itertools.chain.from_iterable(
-            s.token_ids[c:c + n] + [-1] * (c + n - len(s.token_ids))
+            s.token_ids[c:c + n] + [PENDING_TOKEN] * (c + n - len(s.token_ids))
             for s, c, n in zip(states, num_computed, num_scheduled, strict=True))), dtype=torch.int64)
         num_scheduled_t = torch.tensor(num_scheduled, dtype=torch.int64)
         num_computed_t = torch.tensor(num_computed, dtype=torch.int64)
@@ -301,8 +306,7 @@ class ModelRunner:
         seq_lens = num_computed_t + num_scheduled_t
         # Only rows that reach the end of the request's known tokens produce a token; a partial
         # prefill chunk samples nothing.
-        is_sampled = [c + n == len(s.token_ids) + s.num_pending
-                      for s, c, n in zip(states, num_computed, num_scheduled, strict=True)]
+        is_sampled = [c + n == s.num_tokens for s, c, n in zip(states, num_computed, num_scheduled, strict=True)]
         logits_indices = query_start_loc[1:][torch.tensor(is_sampled, dtype=torch.bool)] - 1
         token_rows = None
         if any(s.num_pending for s in states):
@@ -319,7 +323,7 @@ class ModelRunner:
         """One token per request (the common step): no repeat_interleave, no per-token Python."""
         num_seqs = len(states)
         positions = torch.tensor(num_computed, dtype=torch.int64)
-        input_ids = torch.tensor([-1 if c == len(s.token_ids) else s.token_ids[c]
+        input_ids = torch.tensor([PENDING_TOKEN if c == len(s.token_ids) else s.token_ids[c]
                                   for s, c in zip(states, num_computed, strict=True)], dtype=torch.int64)
         token_rows = None
         if any(s.num_pending for s in states):
@@ -331,7 +335,7 @@ class ModelRunner:
                         + positions % self.block_size)
         # A decode row samples unless the request still has known tokens after this one (a resumed
         # request's last prompt token is computed by a prefill chunk, never here).
-        is_sampled = [c + 1 == len(s.token_ids) + s.num_pending for s, c in zip(states, num_computed, strict=True)]
+        is_sampled = [c + 1 == s.num_tokens for s, c in zip(states, num_computed, strict=True)]
         return StepInputs(
             input_ids=input_ids, token_rows=token_rows, positions=positions, slot_mapping=slot_mapping,
             query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
@@ -355,7 +359,7 @@ class StepHandle:
 class StepInputs:
     """One step's model inputs, built on the CPU."""
 
-    input_ids: torch.Tensor  # [T] int64; -1 where the token is pending (in token_buffer)
+    input_ids: torch.Tensor  # [T] int64; PENDING_TOKEN where the token is still in token_buffer
     token_rows: torch.Tensor | None  # [T] int64 token_buffer rows, when some input is pending
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
@@ -371,8 +375,7 @@ class StepInputs:
                   ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids = self.input_ids.to(device)
         if self.token_rows is not None:
-            pending = token_buffer.index_select(0, self.token_rows.to(device))
-            input_ids = torch.where(input_ids >= 0, input_ids, pending)
+            input_ids = fill_pending_tokens(input_ids, token_buffer, self.token_rows.to(device))
         attn_metadata = AttentionMetadata(
             slot_mapping=self.slot_mapping.to(device), query_start_loc=self.query_start_loc.to(device),
             seq_lens=self.seq_lens.to(device), block_tables=self.block_tables.to(device),

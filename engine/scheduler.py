@@ -172,7 +172,6 @@ class Scheduler:
 
         When blocks run out, preempt victims until the request fits; stop once it is the victim."""
         kv = self.kv_cache_manager
-        block_size = self.block_size
         num_scheduled_tokens = output.num_scheduled_tokens
         cached_requests = output.cached_requests  # in running order, as scheduled
         for request in list(self.running):
@@ -183,13 +182,7 @@ class Scheduler:
             num_computed_tokens = request.num_computed_tokens
             num_new_tokens = min(request.num_tokens - num_computed_tokens, budget)
             assert num_new_tokens > 0, f"{request.request_id}: the runner sampled no token for a finished prefill"
-            # A running request holds exactly the blocks of its computed tokens (test_scheduler's
-            # FakeRunner asserts it every step): tokens that still fit its last block need no new one.
-            num_last_block_tokens = num_computed_tokens % block_size
-            if num_last_block_tokens and num_last_block_tokens + num_new_tokens <= block_size:
-                block_ids: list[int] | None = []
-            else:
-                block_ids = kv.allocate_slots(request, num_new_tokens)
+            block_ids = self._allocate(request, num_computed_tokens, num_new_tokens)
             while block_ids is None:
                 victim = self._pick_victim()
                 self._preempt(victim, output)
@@ -265,8 +258,6 @@ class Scheduler:
         finished-request ids then stay for the next schedule)."""
         output = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        kv = self.kv_cache_manager
-        block_size = self.block_size
         max_seq_len = self.max_seq_len
         num_scheduled_tokens = output.num_scheduled_tokens
         cached_requests = output.cached_requests
@@ -283,12 +274,7 @@ class Scheduler:
                 num_new_tokens = 1
             else:
                 num_new_tokens = min(num_tokens - num_computed_tokens, budget)
-            num_last_block_tokens = num_computed_tokens % block_size
-            if num_last_block_tokens and num_last_block_tokens + num_new_tokens <= block_size:
-                block_ids: list[int] | None = []
-            else:
-                # allocate_slots counts from num_computed_tokens: the in-flight tokens come first.
-                block_ids = kv.allocate_slots(request, num_inflight + num_new_tokens)
+            block_ids = self._allocate(request, num_computed_tokens, num_new_tokens)
             if block_ids is None:
                 self._ahead_blocked = True
                 break
@@ -304,6 +290,19 @@ class Scheduler:
         output.finished_req_ids = self._finished_req_ids
         self._finished_req_ids = set()
         return output
+
+    def _allocate(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> list[int] | None:
+        """New blocks for num_new_tokens after num_computed_tokens (computed or in flight); None when the
+        pool is short.
+
+        A running request holds exactly the blocks of its scheduled tokens (test_scheduler's FakeRunner
+        asserts it every step): tokens that still fit its last block need no new one, and no call."""
+        num_last_block_tokens = num_computed_tokens % self.block_size
+        if num_last_block_tokens and num_last_block_tokens + num_new_tokens <= self.block_size:
+            return []
+        # allocate_slots counts from request.num_computed_tokens: in-flight tokens come first.
+        return self.kv_cache_manager.allocate_slots(
+            request, num_computed_tokens - request.num_computed_tokens + num_new_tokens)
 
     def _admission_allowed(self) -> bool:
         ratio = self.config.waiting_served_ratio
