@@ -68,9 +68,16 @@ def main(argv: list[str] | None = None) -> int:
             local_redis.stop()
 
 
+_signalled_before_serving = False
+
+
 def _exit_before_serving(signum: int, frame: object) -> None:
     # SIGTERM/SIGINT while the model loads: nothing was read from Redis yet, so a clean exit is all a
-    # stop needs. Worker.run() installs the draining handlers once it serves.
+    # stop needs. Worker.run() installs the draining handlers once it serves. The flag is for when the
+    # SystemExit never reaches us: library code that guards an optional import with a bare `except:`
+    # swallows it if the signal lands there.
+    global _signalled_before_serving
+    _signalled_before_serving = True
     raise SystemExit(0)
 
 
@@ -84,6 +91,9 @@ def _run(settings: WorkerSettings, *, burst: bool) -> int:
     except ValueError as exc:  # a bad engine knob or an unreadable checkpoint
         print(f"cannot start the engine: {exc}", file=sys.stderr)
         return 2
+    if _signalled_before_serving:  # the stop's SystemExit was swallowed while the model loaded
+        worker.engine.shutdown()
+        return 0
     from redis.exceptions import AuthenticationError, AuthorizationError
 
     try:

@@ -115,3 +115,39 @@ def test_sigterm_while_the_model_loads_exits_0(model_dir: Path, redis_server: Re
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr.decode()[-2000:]
+
+
+def test_a_stop_signal_swallowed_while_loading_still_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM lands in library code that swallows the SystemExit (a bare `except:` around an optional
+    import): the worker must still stop once the model is loaded, not serve."""
+    import contextlib
+    import os
+    import signal
+
+    import worker.__main__ as main_module
+    import worker.app
+
+    shut_down: list[bool] = []
+
+    class FakeEngine:
+        def shutdown(self, timeout_s: float = 10.0) -> None:
+            shut_down.append(True)
+
+    class LoadingWorker:
+        def __init__(self, settings: object, *, burst: bool) -> None:
+            with contextlib.suppress(BaseException):  # what such library code does
+                os.kill(os.getpid(), signal.SIGTERM)  # handled here, in the main thread
+            self.engine = FakeEngine()
+
+        async def run(self) -> int:
+            raise AssertionError("a worker stopped while loading must not serve")
+
+    monkeypatch.setattr(worker.app, "Worker", LoadingWorker)
+    monkeypatch.setattr(main_module, "_signalled_before_serving", False)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        assert main_module._run(object(), burst=False) == 0  # type: ignore[arg-type]
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    assert shut_down == [True]
