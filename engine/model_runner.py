@@ -17,7 +17,8 @@ from engine.attention import AttentionMetadata, bind_kv_cache, release_kv_cache
 from engine.config import EngineConfig
 from engine.cuda_graphs import PADDING_ROW, PENDING_TOKEN, DecodeGraphs, fill_pending_tokens
 from engine.errors import UnsupportedModelError
-from engine.loader import load_model, resolve_dtype, resolve_model_dir
+from engine.loader import load_model, resolve_dtype
+from engine.model_files import ModelFiles
 from engine.sampler import SampleLogprobs, Sampler, SamplingMetadata
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -59,13 +60,13 @@ class CachedRequestState:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config: Any, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, files: ModelFiles, hf_config: Any, max_model_len: int) -> None:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.max_model_len = max_model_len
         self.block_size = config.block_size
-        self.model = load_model(resolve_model_dir(config.model), hf_config, self.dtype, self.device)
+        self.model = load_model(files, hf_config, self.dtype, self.device)
         model_cfg = self.model.config
         if model_cfg.sliding_window is not None and max_model_len > model_cfg.sliding_window:
             raise UnsupportedModelError(

@@ -35,6 +35,7 @@ from engine.async_engine import EngineFrontend, OutputCallback, error_output
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.input_processor import InputProcessor
+from engine.model_files import ModelFiles
 from engine.outputs import RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
@@ -83,7 +84,8 @@ def _loads(data: bytes) -> list[Any]:
 
 
 # ---- the core process -----------------------------------------------------------------------------
-def _core_main(config: EngineConfig, commands: Connection, outputs: Connection, log_level: int) -> None:
+def _core_main(config: EngineConfig, files: ModelFiles, commands: Connection, outputs: Connection,
+               log_level: int) -> None:
     # The parent decides when the core stops (a "stop" command, or its end of the pipe closing): a
     # Ctrl-C that reaches the whole process group must not kill the core in the middle of the parent's
     # drain. SIGTERM keeps its default: it is how multiprocessing ends a daemon child whose parent exits
@@ -96,7 +98,7 @@ def _core_main(config: EngineConfig, commands: Connection, outputs: Connection, 
     from engine.llm_engine import LLMEngine
 
     try:
-        engine = LLMEngine(config)
+        engine = LLMEngine(config, files)
     except BaseException as exc:  # report it: the parent raises it where the engine was constructed
         with contextlib.suppress(OSError):
             outputs.send_bytes(_dumps(["failed", f"{exc}", isinstance(exc, ValueError)]))
@@ -154,7 +156,7 @@ class MPEngine(EngineFrontend):
         commands_r, self._commands = ctx.Pipe(duplex=False)
         self._outputs, outputs_w = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_core_main, name="tokenrelay-engine-core", daemon=True,
-                                    args=(config, commands_r, outputs_w,
+                                    args=(config, self.inputs.files, commands_r, outputs_w,
                                           logging.getLogger().getEffectiveLevel()))
         self._process.start()
         commands_r.close()

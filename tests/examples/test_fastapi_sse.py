@@ -1,5 +1,7 @@
-"""The FastAPI SSE example end to end: a real redis-server, `python -m worker` on a tiny model, the example
-served by uvicorn, and httpx reading the Server-Sent Events as a browser's EventSource would."""
+"""The FastAPI SSE example end to end: a real redis-server, `python -m worker` on the embedded real model
+(nothing configured), the example served by uvicorn, httpx reading the Server-Sent Events as a browser's
+EventSource would, and a real headless Chromium driven by selenium: a user types a question and watches
+the answer stream in."""
 
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from typing import Any
 import pytest
 
 from tests.helpers.redis_server import RedisServer
-from tests.helpers.tiny_models import make_tiny_model
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -45,7 +46,8 @@ def _free_port() -> int:
 
 
 def _env(redis_url: str, **settings: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    # The session's model cache (tests/conftest.py) is the one TOKENRELAY_* variable kept.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_") or k == "TOKENRELAY_CACHE_DIR"}
     env.update({"TOKENRELAY_REDIS_URL": redis_url, "TOKENRELAY_PREFIX": PREFIX, "PYTHONPATH": str(REPO_ROOT)})
     env.update({f"TOKENRELAY_{k.upper()}": str(v) for k, v in settings.items()})
     return env
@@ -63,16 +65,16 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """redis-server + `python -m worker` (tiny qwen3 on the CPU) + the example app; yields its base URL."""
+    """redis-server + `python -m worker` (the embedded SmolLM2 on the CPU: no model set) + the example app;
+    yields its base URL."""
     tmp = tmp_path_factory.mktemp("sse")
-    model = make_tiny_model("qwen3", tmp / "model")
     port = _free_port()
     with RedisServer() as server:
         worker_log = open(tmp / "worker.log", "wb")  # noqa: SIM115
         worker = subprocess.Popen(
             [sys.executable, "-m", "worker"], cwd=REPO_ROOT, stdout=worker_log, stderr=worker_log,
-            env=_env(server.url, model=model, consumer="sse-worker", num_kv_blocks=64, max_num_seqs=8,
-                     max_model_len=256, metrics_port=0, block_ms=100))
+            env=_env(server.url, consumer="sse-worker", num_kv_blocks=256, max_num_seqs=8,
+                     max_model_len=1024, metrics_port=0, block_ms=100))
         web_log = open(tmp / "web.log", "wb")  # noqa: SIM115
         web = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "examples.fastapi_sse.app:app", "--host", "127.0.0.1",
@@ -128,7 +130,8 @@ def _generate(client: Any, base: str, **body: Any) -> str:
 
 def test_tokens_stream_as_sse_and_add_up_to_the_done_text(stack: str) -> None:
     with httpx.Client() as client:
-        job_id = _generate(client, stack, prompt="Hello, tokenrelay!", max_tokens=12, temperature=0.0)
+        job_id = _generate(client, stack, messages=[{"role": "user", "content": "Hello, tokenrelay!"}],
+                           max_tokens=12, temperature=0.0)
         events = read_sse(client, f"{stack}/stream/{job_id}")
     kinds = [e.event for e in events]
     assert kinds[-1] == "done" and kinds.count("done") == 1 and set(kinds[:-1]) == {"token"}
@@ -145,7 +148,8 @@ def test_tokens_stream_as_sse_and_add_up_to_the_done_text(stack: str) -> None:
 
 def test_a_reconnect_with_last_event_id_skips_what_the_browser_has(stack: str) -> None:
     with httpx.Client() as client:
-        job_id = _generate(client, stack, prompt="resume me", max_tokens=10, temperature=0.0)
+        job_id = _generate(client, stack, messages=[{"role": "user", "content": "Tell me about the sea."}],
+                           max_tokens=10, temperature=0.0)
         first = read_sse(client, f"{stack}/stream/{job_id}")
         seen = first[0].id
         assert seen is not None
@@ -179,7 +183,7 @@ def test_the_page_streams_tokens_in_headless_chromium(stack: str, tmp_path: Path
         pytest.skip("no Chromium installed (apt-get install chromium)")
     # ?prompt= makes the page submit itself; the virtual time budget lets the stream finish before the
     # DOM is dumped. The page records what it streamed before the done event replaced it.
-    url = f"{stack}/?prompt=Hello%20from%20a%20browser&max_tokens=10&temperature=0"
+    url = f"{stack}/?prompt=What%20is%20the%20capital%20of%20France%3F&max_tokens=24&temperature=0"
     proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
                            "--virtual-time-budget=30000", "--dump-dom", url],
                           capture_output=True, text=True, timeout=120)
@@ -191,3 +195,62 @@ def test_the_page_streams_tokens_in_headless_chromium(stack: str, tmp_path: Path
     with httpx.Client() as client:
         done = read_sse(client, f"{stack}/stream/{attrs['job-id']}")[-1]
     assert done.event == "done" and len(done.data["token_ids"]) == int(attrs["streamed-tokens"])
+    assert "Paris" in done.data["text"], "sent as a chat turn, the instruct model answers the question"
+
+
+def _browser_paths() -> tuple[str, str] | None:
+    browser, driver = _chromium(), shutil.which("chromedriver")
+    if browser and driver:
+        return browser, driver
+    if os.environ.get("CI"):  # scripts/setup.sh installs both: in CI their absence is a failure
+        pytest.fail("chromium and chromedriver are not installed (scripts/setup.sh installs them)")
+    pytest.skip("no chromium + chromedriver (apt-get install chromium chromium-driver)")
+
+
+# Records every length the answer box passes through, so the test sees tokens arrive one after another
+# (streaming), not only the final text.
+_WATCH_OUTPUT = """
+window.lengths = [];
+new MutationObserver(() => window.lengths.push(document.getElementById("output").textContent.length))
+  .observe(document.getElementById("output"), {childList: true, characterData: true, subtree: true});
+"""
+
+
+def test_a_user_types_a_question_and_watches_the_answer_stream(stack: str, tmp_path: Path) -> None:
+    paths = _browser_paths()
+    assert paths is not None
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=paths[1]), options=options)
+    try:
+        driver.get(stack + "/")
+        question = driver.find_element(By.ID, "prompt")
+        question.clear()
+        question.send_keys("What is the capital of France?")
+        temperature = driver.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("0")
+        driver.execute_script(_WATCH_OUTPUT)
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 120).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+        body = driver.find_element(By.TAG_NAME, "body")
+        state, matches = body.get_attribute("data-state"), body.get_attribute("data-streamed-matches")
+        status = driver.find_element(By.ID, "status").text
+        answer = driver.find_element(By.ID, "output").text
+        lengths = driver.execute_script("return window.lengths")
+    finally:
+        driver.quit()
+    assert state == "done", status
+    assert "Paris" in answer and status.startswith("done (stop)")
+    assert matches == "true", "the streamed deltas add up to the final text"
+    partial = sorted({n for n in lengths if 0 < n < len(answer)})
+    assert len(partial) >= 2, f"the answer appeared at once, not token by token: {lengths}"

@@ -13,6 +13,7 @@ import engine.models.layers
 import engine.models.llama
 from engine.attention import AttentionMetadata
 from engine.loader import load_hf_config, load_model
+from engine.model_files import ModelFiles
 from engine.models import LlamaForCausalLM
 from engine.models.llama import LlamaDecoderLayer
 from tests.helpers.tiny_models import make_tiny_model
@@ -55,7 +56,8 @@ def _load(model_dir: Path, device: torch.device, is_fused: bool, monkeypatch: py
     with monkeypatch.context() as patch:
         for module in (engine.models.layers, engine.models.llama):
             patch.setattr(module, "use_fused_kernels", lambda device: is_fused)
-        return load_model(model_dir, load_hf_config(str(model_dir)), torch.float32, device)
+        files = ModelFiles(str(model_dir), model_dir)
+        return load_model(files, load_hf_config(files), torch.float32, device)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])

@@ -61,7 +61,8 @@ def worker_env(redis_url: str, model: Path | None, **overrides: Any) -> dict[str
     if model is not None:
         settings["model"] = str(model)
     settings.update(overrides)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    # The session's model cache (tests/conftest.py) is the one TOKENRELAY_* variable kept.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_") or k == "TOKENRELAY_CACHE_DIR"}
     env.update({f"TOKENRELAY_{k.upper()}": str(v) for k, v in settings.items()})
     env["PYTHONPATH"] = str(REPO_ROOT)
     return env

@@ -38,8 +38,8 @@ def test_defaults_work_and_consumer_defaults_to_the_host_name(monkeypatch: pytes
     settings = WorkerSettings()
     assert settings.consumer == socket.gethostname()
     assert settings.block_ms / 1000 < settings.socket_timeout_s / 2
-    with pytest.raises(ValueError, match="TOKENRELAY_MODEL=/path/to/hf/dir"):
-        settings.to_engine_config()
+    # No model named: the engine serves the embedded default (SmolLM2-135M-Instruct).
+    assert settings.model is None and settings.to_engine_config().model is None
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -68,10 +68,20 @@ def test_help_lists_every_setting_with_default_and_description() -> None:
     assert "default 30.0" in result.stdout  # lease_s
 
 
-def test_no_model_exits_with_how_to_name_one() -> None:
-    result = run_cli(env=worker_env("redis://localhost:1/0", None))
+def test_a_missing_model_path_exits_2_in_one_line_of_ours() -> None:
+    result = run_cli(env=worker_env("redis://localhost:1/0", Path("/models/Qwen3-0.6B")))
     assert result.returncode == 2
-    assert "TOKENRELAY_MODEL=/path/to/hf/dir" in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "cannot start the engine: model '/models/Qwen3-0.6B': no such file or directory"]
+
+
+def test_an_unreachable_hub_id_exits_2_in_one_line_without_retries() -> None:
+    env = worker_env("redis://localhost:1/0", Path("tokenrelay-tests/no-such-model"))
+    env["HF_HUB_OFFLINE"] = "1"  # no hub here either way; offline fails at once instead of timing out
+    result = run_cli(env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not be downloaded from the Hugging Face hub" in lines[0], lines
 
 
 def test_check_fails_without_a_heartbeat_and_passes_with_one(redis_server: RedisServer) -> None:
