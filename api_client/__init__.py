@@ -5,7 +5,7 @@ Depends on redis and pydantic only (never torch), so a web backend can install i
 from __future__ import annotations
 
 from api_client.async_client import AsyncClient
-from api_client.client import Client, JobFailed
+from api_client.client import Client, JobFailed, JobLost, Submitted
 from api_client.keys import EVENT_FIELD, JOB_FIELD, PROTOCOL_VERSION, Keys
 from api_client.schema import (
     Completion,
@@ -22,6 +22,7 @@ from api_client.schema import (
     parse_event,
     parse_job,
 )
+from api_client.status import JobState, JobStatus
 
 __all__ = [
     "EVENT_FIELD",
@@ -36,9 +37,13 @@ __all__ = [
     "Job",
     "JobError",
     "JobFailed",
+    "JobLost",
+    "JobState",
+    "JobStatus",
     "Keys",
     "Message",
     "Params",
+    "Submitted",
     "TokenEvent",
     "Usage",
     "dump_event",

@@ -20,18 +20,30 @@ from api_client.client import (
     DEFAULT_SOCKET_TIMEOUT_S,
     READ_COUNT,
     RECONNECT_TIMEOUT_S,
+    UNKNOWN_TIMEOUT_S,
     EventT,
+    Submitted,
     _Deadline,
+    _LossWatch,
     as_str,
     build_job,
     completion_from_event,
     event_from_fields,
     reconnect_delay_s,
     stream_entries,
+    submitted,
     with_id,
 )
-from api_client.keys import JOB_FIELD, Keys
+from api_client.keys import Keys
 from api_client.schema import Completion, Job, Message
+from api_client.status import (
+    STATUS_SCRIPT,
+    SUBMIT_SCRIPT,
+    JobStatus,
+    marker_ttl_s,
+    status_args,
+    status_from_reply,
+)
 
 logger = logging.getLogger(__name__)
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
@@ -42,42 +54,57 @@ class AsyncClient:
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, prefix: str = "tokenrelay", *,
                  redis: aioredis.Redis | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
-                 **redis_kwargs: Any) -> None:
+                 unknown_timeout_s: float | None = UNKNOWN_TIMEOUT_S, **redis_kwargs: Any) -> None:
         self.keys = Keys(prefix)
         self.reconnect_timeout_s = reconnect_timeout_s
+        self.unknown_timeout_s = unknown_timeout_s
         self._owns_redis = redis is None
         if redis is None:
             redis_kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT_S)
             redis_kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT_S)
             redis = aioredis.Redis.from_url(redis_url, **redis_kwargs)
         self.redis = redis
+        self._submit_script = redis.register_script(SUBMIT_SCRIPT)
+        self._status_script = redis.register_script(STATUS_SCRIPT)
 
     async def submit(self, prompt: str | None = None, *,
                      messages: Sequence[Mapping[str, Any] | Message] | None = None,
                      prompt_token_ids: Sequence[int] | None = None, job_id: str | None = None,
                      priority: int = 0, deadline_ms: int | None = None, result_ttl_s: int | None = None,
-                     **params: Any) -> str:
-        """Validate and enqueue one job; returns its id. Extra keyword arguments are sampling params."""
+                     **params: Any) -> Submitted:
+        """Validate and enqueue one job; returns its id. Extra keyword arguments are sampling params.
+        An id that already names a job is not queued again (`.replayed` on the returned id)."""
         job = build_job(prompt, messages=messages, prompt_token_ids=prompt_token_ids, job_id=job_id,
                         priority=priority, deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, params=params)
         return await self.submit_job(job)
 
-    async def submit_job(self, job: Job) -> str:
-        """Enqueue an already built Job (an id is made if it has none); returns its id."""
+    async def submit_job(self, job: Job) -> Submitted:
+        """Enqueue an already built Job (an id is made if it has none) with its marker; returns its id."""
         job = with_id(job)
         assert job.id is not None
-        await self.redis.xadd(self.keys.jobs, {JOB_FIELD: job.to_json()})
-        return job.id
+        reply = await self._submit_script(keys=[self.keys.result(job.id), self.keys.job(job.id), self.keys.jobs],
+                                          args=[job.to_json(), marker_ttl_s(job.result_ttl_s)])
+        return submitted(job.id, reply)
+
+    async def status(self, job_id: str) -> JobStatus:
+        """Where the job is now: unknown, queued, running, done or error (api_client/status.py)."""
+        keys, args = status_args(self.keys, job_id)
+        return status_from_reply(job_id, await self._status_script(keys=keys, args=args))
 
     async def stream(self, job_id: str, timeout: float | None = None) -> AsyncIterator[EventT]:
         """Yield the job's events in order, ending after its done/error event; resumes after the last
-        entry seen across dropped connections and Redis restarts. TimeoutError past `timeout` seconds."""
+        entry seen across dropped connections and Redis restarts. TimeoutError past `timeout` seconds;
+        JobLost when the job is not there (as Client.stream)."""
         key, last_id, deadline = self.keys.result(job_id), "0-0", _Deadline(timeout)
         down_since: float | None = None
+        watch = _LossWatch(job_id, self.unknown_timeout_s)
         while True:
             block_ms = deadline.block_ms(job_id)
             try:
                 reply: Any = await self.redis.xread({key: last_id}, count=READ_COUNT, block=block_ms)
+                entries = list(stream_entries(reply))
+                if not entries and watch.is_due:
+                    watch.observe(await self.status(job_id))
             except _RETRYABLE as exc:
                 if down_since is None:
                     down_since = time.monotonic()
@@ -85,7 +112,9 @@ class AsyncClient:
                 await self._wait_reconnect(exc, down_since, deadline)
                 continue
             down_since = None
-            for entry_id, fields in stream_entries(reply):
+            if entries:
+                watch.saw_events()
+            for entry_id, fields in entries:
                 last_id = entry_id
                 event = event_from_fields(fields)
                 yield event

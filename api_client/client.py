@@ -1,6 +1,8 @@
-"""Client: the synchronous producer API (redis-py): submit jobs, stream / poll / wait for results, cancel.
+"""Client: the synchronous producer API (redis-py): submit jobs, stream / poll / wait for results, ask a
+job's status, cancel.
 
-Also the pieces AsyncClient shares: job building, entry decoding, JobFailed."""
+Also the pieces AsyncClient shares: job building, entry decoding, the waits' deadline and loss watch,
+JobFailed / JobLost, Submitted."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from api_client.keys import EVENT_FIELD, JOB_FIELD, Keys
+from api_client.keys import EVENT_FIELD, Keys
 from api_client.schema import (
     Completion,
     DoneEvent,
@@ -26,6 +28,14 @@ from api_client.schema import (
     parse_event,
     validation_message,
 )
+from api_client.status import (
+    STATUS_SCRIPT,
+    SUBMIT_SCRIPT,
+    JobStatus,
+    marker_ttl_s,
+    status_args,
+    status_from_reply,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +46,8 @@ READ_COUNT = 256  # entries per XREAD / XRANGE call
 DEFAULT_SOCKET_TIMEOUT_S = 10.0
 CANCEL_TTL_S = 3600  # a cancel key outlives any job that could still read it
 RECONNECT_TIMEOUT_S = 30.0  # give up when Redis stays unreachable this long (without a stream timeout)
+UNKNOWN_TIMEOUT_S = 60.0  # a wait on a job that stays unknown this long (never seen) raises JobLost
+STATUS_CHECK_S = 5.0  # while no event arrives, a wait asks the job's status this often
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
@@ -47,6 +59,39 @@ class JobFailed(RuntimeError):
         self.code = code
         self.message = message
         self.job_id = job_id
+
+
+class JobLost(JobFailed):
+    """A wait ended because the job does not exist: it vanished (its queue entry, pending entry and
+    result stream are all gone: Redis lost them, e.g. a restart without persistence), or it stayed
+    unknown for `unknown_timeout_s` (never submitted, or its result expired). Code "lost" is the
+    client's own; no worker writes it."""
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__("lost", message, job_id)
+
+
+class Submitted(str):
+    """The job id `submit` returns. `replayed` is True when the id already named a job (queued, running,
+    or with a result) and nothing was queued: reading the id gives that earlier job's events."""
+
+    replayed: bool
+    entry_id: str | None  # the job's {p}:jobs entry, when known
+
+    def __new__(cls, job_id: str, *, replayed: bool = False, entry_id: str | None = None) -> Submitted:
+        obj = super().__new__(cls, job_id)
+        obj.replayed = replayed
+        obj.entry_id = entry_id
+        return obj
+
+
+def submitted(job_id: str, reply: Any) -> Submitted:
+    """Submitted from SUBMIT_SCRIPT's reply {1 | 0, entry id}."""
+    replayed = int(reply[0]) != 1
+    entry_id = None if reply[1] is None else as_str(reply[1])
+    if replayed:
+        logger.info("job=%s already submitted (entry %s): replaying it, nothing queued", job_id, entry_id)
+    return Submitted(job_id, replayed=replayed, entry_id=entry_id)
 
 
 def build_job(prompt: str | None, *, messages: Sequence[Mapping[str, Any] | Message] | None,
@@ -123,46 +168,100 @@ class _Deadline:
         return max(1, min(BLOCK_MS, int(left * 1000)))
 
 
+class _LossWatch:
+    """Ends a wait on a job that is not there. While no event arrives, the wait asks the job's status
+    every STATUS_CHECK_S; a job once seen (events, or queued / running) that turns unknown is lost at
+    once, one never seen raises after unknown_timeout_s (a job may still be on its way: a Celery task
+    waiting in its broker reaches {p}:jobs only when the door runs it)."""
+
+    def __init__(self, job_id: str, unknown_timeout_s: float | None) -> None:
+        self.job_id = job_id
+        self.unknown_timeout_s = unknown_timeout_s
+        self.interval_s = STATUS_CHECK_S if unknown_timeout_s is None else min(STATUS_CHECK_S, unknown_timeout_s / 2)
+        self.next_check_s = time.monotonic()
+        self.seen_as: str | None = None
+        self.unknown_since: float | None = None
+
+    def saw_events(self) -> None:
+        self.seen_as = self.seen_as or "running"
+        self.next_check_s = time.monotonic() + self.interval_s
+
+    @property
+    def is_due(self) -> bool:
+        return time.monotonic() >= self.next_check_s
+
+    def observe(self, status: JobStatus) -> None:
+        now = time.monotonic()
+        self.next_check_s = now + self.interval_s
+        if status.state != "unknown":
+            self.seen_as, self.unknown_since = status.state, None
+            return
+        if self.seen_as is not None:
+            raise JobLost(f"job {self.job_id} was {self.seen_as} and is gone: no queue entry, no pending entry, "
+                          "no result (Redis lost it, e.g. a restart without persistence); submit it again",
+                          self.job_id)
+        self.unknown_since = self.unknown_since or now
+        if self.unknown_timeout_s is not None and now - self.unknown_since >= self.unknown_timeout_s:
+            raise JobLost(f"no job {self.job_id}: not queued, not running and no result for "
+                          f"{self.unknown_timeout_s:g} s (never submitted, its result expired, or Redis lost it)",
+                          self.job_id)
+
+
 class Client:
     """Synchronous producer client. `Client(redis_url)` owns its connection; `Client(redis=r)` borrows r."""
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, prefix: str = "tokenrelay", *,
                  redis: redis.Redis | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
-                 **redis_kwargs: Any) -> None:
+                 unknown_timeout_s: float | None = UNKNOWN_TIMEOUT_S, **redis_kwargs: Any) -> None:
         self.keys = Keys(prefix)
         self.reconnect_timeout_s = reconnect_timeout_s
+        self.unknown_timeout_s = unknown_timeout_s
         self._owns_redis = redis is None
         if redis is None:
             redis_kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT_S)
             redis_kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT_S)
             redis = _redis_from_url(redis_url, **redis_kwargs)
         self.redis = redis
+        self._submit_script = redis.register_script(SUBMIT_SCRIPT)
+        self._status_script = redis.register_script(STATUS_SCRIPT)
 
     def submit(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any] | Message] | None = None,
                prompt_token_ids: Sequence[int] | None = None, job_id: str | None = None, priority: int = 0,
-               deadline_ms: int | None = None, result_ttl_s: int | None = None, **params: Any) -> str:
-        """Validate and enqueue one job; returns its id. Extra keyword arguments are sampling params."""
+               deadline_ms: int | None = None, result_ttl_s: int | None = None, **params: Any) -> Submitted:
+        """Validate and enqueue one job; returns its id. Extra keyword arguments are sampling params.
+        An id that already names a job is not queued again (`.replayed` on the returned id)."""
         job = build_job(prompt, messages=messages, prompt_token_ids=prompt_token_ids, job_id=job_id,
                         priority=priority, deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, params=params)
         return self.submit_job(job)
 
-    def submit_job(self, job: Job) -> str:
-        """Enqueue an already built Job (an id is made if it has none); returns its id."""
+    def submit_job(self, job: Job) -> Submitted:
+        """Enqueue an already built Job (an id is made if it has none) with its marker; returns its id."""
         job = with_id(job)
         assert job.id is not None
-        self.redis.xadd(self.keys.jobs, {JOB_FIELD: job.to_json()})
-        return job.id
+        reply = self._submit_script(keys=[self.keys.result(job.id), self.keys.job(job.id), self.keys.jobs],
+                                    args=[job.to_json(), marker_ttl_s(job.result_ttl_s)])
+        return submitted(job.id, reply)
+
+    def status(self, job_id: str) -> JobStatus:
+        """Where the job is now: unknown, queued, running, done or error (api_client/status.py)."""
+        keys, args = status_args(self.keys, job_id)
+        return status_from_reply(job_id, self._status_script(keys=keys, args=args))
 
     def stream(self, job_id: str, timeout: float | None = None) -> Iterator[EventT]:
         """Yield the job's events in order, ending after its done/error event. Survives dropped
         connections and Redis restarts by resuming after the last entry seen. `timeout` (s): overall
-        limit for the final event, TimeoutError past it."""
+        limit for the final event, TimeoutError past it. JobLost when the job is not there (see
+        `unknown_timeout_s`): without a timeout, the wait lasts as long as the job is queued or running."""
         key, last_id, deadline = self.keys.result(job_id), "0-0", _Deadline(timeout)
         down_since: float | None = None
+        watch = _LossWatch(job_id, self.unknown_timeout_s)
         while True:
             block_ms = deadline.block_ms(job_id)
             try:
                 reply: Any = self.redis.xread({key: last_id}, count=READ_COUNT, block=block_ms)
+                entries = list(stream_entries(reply))
+                if not entries and watch.is_due:
+                    watch.observe(self.status(job_id))
             except _RETRYABLE as exc:
                 if down_since is None:
                     down_since = time.monotonic()
@@ -170,7 +269,9 @@ class Client:
                 self._wait_reconnect(exc, down_since, deadline)
                 continue
             down_since = None
-            for entry_id, fields in stream_entries(reply):
+            if entries:
+                watch.saw_events()
+            for entry_id, fields in entries:
                 last_id = entry_id
                 event = event_from_fields(fields)
                 yield event

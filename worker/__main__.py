@@ -1,6 +1,7 @@
 """`python -m worker`: run the worker (or `--check` its health) with settings from TOKENRELAY_* variables.
 
-Exit codes: 0 clean stop (SIGTERM/SIGINT, burst done, healthy check), 1 failure, 2 bad configuration."""
+Exit codes: 0 clean stop (SIGTERM/SIGINT, burst done, healthy check), 1 failure (or an unhealthy check),
+2 bad configuration: found before the model loads where it can be (worker/preflight.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import logging
 import os
 import signal
 import sys
+import uuid
 
 from pydantic import ValidationError
 
-from worker.settings import ENV_PREFIX, WorkerSettings, settings_help
+from worker.settings import ENV_PREFIX, WorkerSettings, settings_help, unknown_env_names
+
+logger = logging.getLogger("tokenrelay.worker")
+EARLY_CLAIM_CONNECT_TIMEOUT_S = 2.0  # the name check before the model loads is skipped past this
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.add_argument("--check", action="store_true",
-                        help="exit 0 if a live worker heartbeat exists under the prefix, 1 otherwise")
+                        help="exit 0 if this worker's heartbeat ({p}:worker:{consumer}) is alive and its engine "
+                             "steps, 1 otherwise (a container healthcheck)")
     parser.add_argument("--burst", action="store_true",
                         help="exit once the queue is empty and nothing runs (tests, batch jobs)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -42,12 +48,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid {ENV_PREFIX}* setting:\n{exc}", file=sys.stderr)
         return 2
+    for name, close in unknown_env_names(os.environ):
+        logger.warning("unknown setting %s is ignored%s", name, f" (did you mean {close}?)" if close else
+                       "; `python -m worker --help` lists every setting")
     if args.check:
         from worker import health
 
-        ok, message = health.check(settings.redis_url, settings.keys, settings.socket_timeout_s)
+        ok, message = health.check(settings.redis_url, settings.keys, settings.consumer, settings.health_stall_s,
+                                   settings.socket_timeout_s)
         print(message, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
+    # From here on a stop signal is a clean exit (0), whatever the worker is waiting for.
+    signal.signal(signal.SIGTERM, _exit_before_serving)
+    signal.signal(signal.SIGINT, _exit_before_serving)
+    from worker import preflight
+
+    found = preflight.problems(settings)  # before the model loads: a bad device, a taken metrics port
+    for problem in found:
+        print(problem, file=sys.stderr)
+    if found:
+        return 2
     from worker.local_redis import RedisUnavailableError, ensure_local_redis
 
     try:  # no TOKENRELAY_REDIS_URL: use the Redis on localhost, or start one for this worker
@@ -57,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if local_redis is not None:
         settings = settings.model_copy(update={"redis_url": local_redis.url})
+    incarnation = uuid.uuid4().hex
     try:
-        return _run(settings, burst=args.burst)
+        if not _claim_consumer_name_early(settings, incarnation):
+            return 2
+        return _run(settings, burst=args.burst, incarnation=incarnation)
     finally:
         if local_redis is not None:  # last: the worker needed it to drain and hand jobs back
             local_redis.stop()
@@ -77,13 +100,41 @@ def _exit_before_serving(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def _run(settings: WorkerSettings, *, burst: bool) -> int:
+def _claim_consumer_name_early(settings: WorkerSettings, incarnation: str) -> bool:
+    """Take the consumer name before the model loads, so that a second worker under a live one's name
+    fails in seconds (False: it printed why). Skipped when Redis does not answer yet: the startup
+    claims the name anyway, once Redis answers (worker/health.py)."""
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+
+    from worker import health
+
+    async def claim() -> None:
+        client = Redis.from_url(settings.redis_url, socket_timeout=settings.socket_timeout_s,
+                                socket_connect_timeout=min(EARLY_CLAIM_CONNECT_TIMEOUT_S, settings.socket_timeout_s))
+        try:
+            await health.claim(client, settings.keys, settings.consumer, incarnation, settings.heartbeat_ttl_s,
+                               health.heartbeat_value(settings.consumer, incarnation, 0, None))
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(claim())
+    except health.ConsumerNameInUseError as exc:
+        print(str(exc), file=sys.stderr)
+        return False
+    except (RedisError, OSError) as exc:  # unreachable, or refused credentials: the startup says which
+        logger.info("consumer name check before loading skipped (%s); the startup makes it", exc)
+    return True
+
+
+def _run(settings: WorkerSettings, *, burst: bool, incarnation: str | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_before_serving)
     signal.signal(signal.SIGINT, _exit_before_serving)
     from worker.app import Worker
 
     try:
-        worker = Worker(settings, burst=burst)
+        worker = Worker(settings, burst=burst, incarnation=incarnation)
     except ValueError as exc:  # a bad engine knob or an unreadable checkpoint
         print(f"cannot start the engine: {exc}", file=sys.stderr)
         return 2
@@ -92,11 +143,17 @@ def _run(settings: WorkerSettings, *, burst: bool) -> int:
         return 0
     from redis.exceptions import AuthenticationError, AuthorizationError
 
+    from worker.health import ConsumerNameInUseError
+    from worker.metrics import MetricsPortError
+
     try:
         return asyncio.run(worker.run())
     except (AuthenticationError, AuthorizationError) as exc:
         print(f"Redis refused this worker's credentials ({exc}): check the user and password in "
               f"{ENV_PREFIX}REDIS_URL (redis://user:password@host:port/db)", file=sys.stderr)
+        return 2
+    except (ConsumerNameInUseError, MetricsPortError) as exc:
+        print(str(exc), file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,7 @@ import faulthandler
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -41,18 +42,26 @@ MAX_BACKOFF_S = 2.0
 OUTAGE_LOG_EVERY_S = 10.0  # while Redis is down, each loop logs at most this often
 
 
+class StartupStoppedError(Exception):
+    """A stop signal arrived while the startup still waited for Redis: nothing was served yet."""
+
+
 class Worker:
-    def __init__(self, settings: WorkerSettings, engine: EngineFrontend | None = None, *, burst: bool = False) -> None:
+    def __init__(self, settings: WorkerSettings, engine: EngineFrontend | None = None, *, burst: bool = False,
+                 incarnation: str | None = None) -> None:
         if engine is None:
             engine = _build_engine(settings)  # loads the model: slow
         self.settings = settings
         self.engine = engine
         self.burst = burst
+        # This run's token in the heartbeat: tells our own heartbeat from another run's under one name.
+        self.incarnation = incarnation or uuid.uuid4().hex
         self.keys = settings.keys
         self.redis: Redis = Redis.from_url(
             settings.redis_url, socket_timeout=settings.socket_timeout_s,
             socket_connect_timeout=settings.socket_timeout_s, health_check_interval=30)
-        self.scripts = Scripts(self.redis, self.keys.jobs, self.keys.dead, self.keys.group, settings.consumer)
+        self.scripts = Scripts(self.redis, self.keys.jobs, self.keys.dead, self.keys.group, settings.consumer,
+                               keys=self.keys)
         self.metrics = Metrics()
         self.table = JobTable()
         self.publisher = Publisher(self.redis, self.keys, self.scripts, self.table, engine, self.metrics,
@@ -63,6 +72,8 @@ class Worker:
         self.celery_door: Any = None  # worker.celery_door.CeleryDoor when celery_queue is set
         self._stopping = asyncio.Event()
         self._fast_stop = False  # a second signal: skip the drain, hand everything back now
+        self._last_num_steps = -1  # engine steps at the last heartbeat...
+        self._last_progress_s = time.monotonic()  # ...and when the engine was last seen stepping or idle
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def request_stop(self, exit_code: int = 0) -> None:
@@ -88,8 +99,12 @@ class Worker:
         self.engine.start()
         try:
             await self._startup()
+        except StartupStoppedError:  # SIGTERM while Redis was still unreachable: a clean stop
+            logger.info("stopped before Redis answered; nothing was served")
+            await self._close_unserved()
+            return self.exit_code
         except BaseException:  # e.g. wrong credentials: nothing was served, but the engine runs
-            await asyncio.to_thread(self.engine.shutdown)
+            await self._close_unserved()
             raise
         publisher = asyncio.create_task(self.publisher.run(), name="publisher")
         loops = [asyncio.create_task(coro, name=name) for name, coro in (
@@ -126,9 +141,10 @@ class Worker:
         return self.exit_code
 
     async def _startup(self) -> None:
-        self.metrics.serve(self.settings.metrics_port)
+        self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
         await self._retrying("startup", self.intake.ensure_group)
-        await self._heartbeat()
+        # Before anything is read or claimed: one live worker per consumer name (see worker/health.py).
+        await self._retrying("startup", self._claim_consumer_name)
         if self.settings.celery_queue:
             from worker.celery_door import start_celery_door
 
@@ -167,10 +183,17 @@ class Worker:
         if door is not None:
             await asyncio.to_thread(door.stop)
 
+    async def _close_unserved(self) -> None:
+        """Close after a startup that served nothing (no heartbeat of ours to remove)."""
+        self.metrics.close()
+        await asyncio.to_thread(self.engine.shutdown)
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.aclose()
+
     async def close(self) -> None:
         await self._stop_celery_door()
         with contextlib.suppress(RedisError, OSError):
-            await health.clear(self.redis, self.keys, self.settings.consumer)
+            await health.clear(self.redis, self.keys, self.settings.consumer, self.incarnation)
         self.metrics.close()
         await asyncio.to_thread(self.engine.shutdown)
         await self.redis.aclose()
@@ -255,9 +278,30 @@ class Worker:
                 logger.info("job=%s event=abort reason=%s", job.job_id, job.abort_reason)
                 self.engine.abort(job.job_id)
 
+    def _heartbeat_value(self) -> str:
+        stats = self.engine.stats()
+        # Stalled: the engine owes outputs (sequences in it, or jobs of ours not yet finishing) and its
+        # step count has not moved since the last heartbeat. `--check` fails past health_stall_s.
+        now = time.monotonic()
+        has_work = stats.num_running + stats.num_waiting > 0 or any(not job.is_finishing for job in self.table)
+        if not has_work or stats.num_steps != self._last_num_steps:
+            self._last_progress_s = now
+        self._last_num_steps = stats.num_steps
+        return health.heartbeat_value(self.settings.consumer, self.incarnation, len(self.table), stats,
+                                      stalled_s=now - self._last_progress_s)
+
+    async def _claim_consumer_name(self) -> None:
+        await health.claim(self.redis, self.keys, self.settings.consumer, self.incarnation,
+                           self.settings.heartbeat_ttl_s, self._heartbeat_value())
+
     async def _heartbeat(self) -> None:
-        value = health.heartbeat_value(self.settings.consumer, len(self.table), self.engine.stats())
-        await health.beat(self.redis, self.keys, self.settings.consumer, self.settings.heartbeat_ttl_s, value)
+        if await health.beat(self.redis, self.keys, self.settings.consumer, self.incarnation,
+                             self.settings.heartbeat_ttl_s, self._heartbeat_value()):
+            return
+        if not self.is_stopping:  # e.g. our event loop stalled past the TTL and another run took the name
+            logger.error("consumer name %s was taken by another run of a worker (its heartbeat replaced ours): "
+                         "stopping, so that no job is served twice under one name", self.settings.consumer)
+            self.request_stop(exit_code=2)
 
     async def _update_metrics(self) -> None:
         self.metrics.update_engine(self.engine.stats(), len(self.table))
@@ -297,17 +341,31 @@ class Worker:
             await asyncio.sleep(interval_s)
 
     async def _retrying(self, what: str, body: Callable[[], Awaitable[object]]) -> object:
+        """Run `body` until Redis answers it. A stop signal meanwhile ends the wait at once with
+        StartupStoppedError (a connect to an unreachable host can take socket_timeout_s)."""
         backoff_s = 0.1
         while True:
+            attempt = asyncio.ensure_future(body())
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait((attempt, stop), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not attempt.done():
+                attempt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                    await attempt
+                raise StartupStoppedError(what)
             try:
-                return await body()
+                return attempt.result()
             except (AuthenticationError, AuthorizationError):
                 raise  # wrong credentials never heal by waiting: `python -m worker` exits 2
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if self.is_stopping or cancel_requested():
+                if cancel_requested():
                     raise
+                if self.is_stopping:
+                    raise StartupStoppedError(what) from exc
                 logger.warning("%s: Redis unreachable (%s); retrying in %.1fs", what, exc, backoff_s)
-                await asyncio.sleep(backoff_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff_s)
                 backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
 
 

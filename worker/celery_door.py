@@ -26,8 +26,9 @@ from celery.worker import state as worker_state
 
 from api_client.celery import JSON_ONLY, TASK_NAME, GenerationFailed, job_from_kwargs
 from api_client.client import DEFAULT_REDIS_URL, event_from_fields, stream_entries
-from api_client.keys import DEFAULT_PREFIX, EVENT_FIELD, JOB_FIELD, Keys
+from api_client.keys import DEFAULT_PREFIX, EVENT_FIELD, Keys
 from api_client.schema import Completion, DoneEvent, ErrorEvent, JobError, dump_event
+from api_client.status import SUBMIT_SCRIPT, marker_ttl_s
 
 if TYPE_CHECKING:
     from celery import Task
@@ -39,15 +40,6 @@ SOCKET_TIMEOUT_S = 10.0
 REDIS_DOWN_LIMIT_S = 60.0  # Redis unreachable this long: hand the task back to the broker
 START_TIMEOUT_S = 30.0
 
-# KEYS: result, marker, jobs. ARGV: job_json, ttl_s. Enqueue the job unless this task id already has
-# events (the job is running or done) or a marker (it was enqueued and waits in {p}:jobs): a redelivered
-# task then only waits, and the same job never sits in the queue twice.
-_ENQUEUE = f"""
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('XADD', KEYS[3], '*', '{JOB_FIELD}', ARGV[1])
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-return 1
-"""
 # KEYS: result. ARGV: event_json, ttl_s. The error event of a task whose kwargs are not a valid job, so
 # `Client.stream(task_id)` ends too; written only into an empty stream (exactly one final event).
 _FAIL = f"""
@@ -59,8 +51,9 @@ return 1
 
 
 def marker_key(keys: Keys, job_id: str) -> str:
-    """String key set (with the result TTL) when the door enqueues job `job_id`."""
-    return f"{keys.prefix}:celery:{job_id}"
+    """The job marker the door writes when it enqueues job `job_id` (the one Client.submit writes: a
+    redelivered task only waits, and the same job never sits in the queue twice)."""
+    return keys.job(job_id)
 
 
 @dataclass(frozen=True)
@@ -89,7 +82,7 @@ class Shim:
         # One thread-safe client (a connection pool) for every task thread.
         self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=SOCKET_TIMEOUT_S,
                                           socket_connect_timeout=SOCKET_TIMEOUT_S)
-        self._enqueue = self.redis.register_script(_ENQUEUE)
+        self._enqueue = self.redis.register_script(SUBMIT_SCRIPT)
         self._fail = self.redis.register_script(_FAIL)
         self._stopping = threading.Event()
 
@@ -111,8 +104,9 @@ class Shim:
             raise GenerationFailed(exc.code, exc.message, job_id) from None
         ttl_s = job.result_ttl_s or self.config.result_ttl_s
         with _requeue_when_redis_is_down(job_id):
-            is_new = self._enqueue(keys=[self.keys.result(job_id), marker_key(self.keys, job_id), self.keys.jobs],
-                                   args=[job.to_json(), ttl_s])
+            reply = self._enqueue(keys=[self.keys.result(job_id), marker_key(self.keys, job_id), self.keys.jobs],
+                                  args=[job.to_json(), marker_ttl_s(ttl_s)])
+        is_new = int(reply[0]) == 1
         logger.info("job=%s event=celery_%s", job_id, "enqueued" if is_new else "rejoined")
         final = self._wait_final(job_id)
         if isinstance(final, ErrorEvent):

@@ -10,7 +10,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from api_client.keys import CODE_FIELD, EVENT_FIELD, JOB_FIELD, JOB_ID_FIELD, REASON_FIELD
+from api_client.keys import CODE_FIELD, EVENT_FIELD, JOB_FIELD, JOB_ID_FIELD, REASON_FIELD, Keys
+from api_client.status import marker_ttl_s
 
 # Extra field of a {p}:jobs entry written by a hand-back: earlier deliveries that ended badly.
 REDELIVERIES_FIELD = "redeliveries"
@@ -121,14 +122,19 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return {WRITTEN}
 """
 
-# KEYS: jobs. ARGV: group, entry_id, consumer, raw_job, job_id, redeliveries.
+# KEYS: jobs[, marker]. ARGV: group, entry_id, consumer, raw_job, job_id, redeliveries[, marker_ttl_s].
 # Hand a job back (shutdown): a new entry at the end of the queue and the ack of the old one, at once,
-# so any worker's XREADGROUP takes it immediately. The job id travels along (the payload may lack one).
+# so any worker's XREADGROUP takes it immediately. The job id travels along (the payload may lack one),
+# and the job marker {p}:job:{id} (api_client/status.py) follows the job to its new entry.
 _HAND_BACK = _HELPERS + f"""
 if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return {NOT_OWNER} end
-redis.call('XADD', KEYS[1], '*', '{JOB_FIELD}', ARGV[4], '{JOB_ID_FIELD}', ARGV[5],
-           '{REDELIVERIES_FIELD}', ARGV[6])
+local entry_id = redis.call('XADD', KEYS[1], '*', '{JOB_FIELD}', ARGV[4], '{JOB_ID_FIELD}', ARGV[5],
+                            '{REDELIVERIES_FIELD}', ARGV[6])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if KEYS[2] then
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('SET', KEYS[2], entry_id, 'KEEPTTL')
+  else redis.call('SET', KEYS[2], entry_id, 'EX', ARGV[7]) end
+end
 return {WRITTEN}
 """
 
@@ -151,7 +157,9 @@ class Scripts:
     """The scripts registered on one client. The *_args helpers return (keys, args) so that a call
     can be queued on a pipeline: `await scripts.publish_final(keys=k, args=a, client=pipe)`."""
 
-    def __init__(self, redis: Redis, jobs_key: str, dead_key: str, group: str, consumer: str) -> None:
+    def __init__(self, redis: Redis, jobs_key: str, dead_key: str, group: str, consumer: str, *,
+                 keys: Keys | None = None) -> None:
+        self.keys = keys  # with them, a hand-back moves the job's marker {p}:job:{id} to its new entry
         self.jobs_key = jobs_key
         self.dead_key = dead_key
         self.group = group
@@ -184,7 +192,10 @@ class Scripts:
 
     def hand_back_args(self, entry_id: str, raw: bytes, job_id: str,
                        redeliveries: int) -> tuple[list[str], list[Any]]:
-        return [self.jobs_key], [self.group, entry_id, self.consumer, raw, job_id, redeliveries]
+        args: list[Any] = [self.group, entry_id, self.consumer, raw, job_id, redeliveries]
+        if self.keys is None:
+            return [self.jobs_key], args
+        return [self.jobs_key, self.keys.job(job_id)], [*args, marker_ttl_s(None)]
 
     async def renew_leases(self, entry_ids: list[str]) -> list[str]:
         """Renew this consumer's entries; returns the ids it no longer owns."""

@@ -17,6 +17,10 @@ _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 _TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
+class MetricsPortError(RuntimeError):
+    """/metrics cannot listen where the settings say (`python -m worker` exits 2)."""
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -66,10 +70,14 @@ class Metrics:
             self.queue_lag.set(int(lag))
         self.queue_pending.set(int(group_info.get("pending") or 0))
 
-    def serve(self, port: int) -> None:
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port > 0:
-            self._server = start_http_server(port, registry=self.registry)
-            logger.info("metrics on :%d/metrics", port)
+            try:
+                self._server = start_http_server(port, addr=host, registry=self.registry)
+            except OSError as exc:  # taken since the check before the model loaded
+                raise MetricsPortError(f"cannot serve /metrics on {host}:{port} ({exc}): set TOKENRELAY_METRICS_PORT "
+                                       "to a free port, or 0 to turn /metrics off") from None
+            logger.info("metrics on http://%s:%d/metrics", host, port)
 
     def close(self) -> None:
         if self._server is not None:

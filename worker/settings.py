@@ -4,7 +4,9 @@ Durations carry their unit in the name; `to_engine_config()` hands the engine kn
 
 from __future__ import annotations
 
+import difflib
 import socket
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -15,6 +17,10 @@ from api_client.schema import DEFAULT_MAX_JOB_BYTES, MAX_RESULT_TTL_S
 from engine.config import EngineConfig
 
 ENV_PREFIX = "TOKENRELAY_"
+# TOKENRELAY_* names that are not WorkerSettings fields but are read elsewhere, so the start-up warning
+# about unknown names leaves them alone: the fused-kernel switch (engine/models/layers.py), the fake-GPU
+# benchmark switch (bench/fake_gpu.py) and compose.yaml's choice of the CPU model.
+OTHER_ENV_NAMES = frozenset({"TOKENRELAY_FUSED_KERNELS", "TOKENRELAY_BENCH_FAKE_GPU", "TOKENRELAY_CPU_MODEL"})
 
 
 def _default_consumer() -> str:
@@ -86,7 +92,11 @@ class WorkerSettings(BaseSettings):
     # ---- health and metrics ------------------------------------------------------------------
     heartbeat_ttl_s: float = Field(default=15.0, gt=0, description=(
         "TTL of {p}:worker:{consumer}, refreshed every heartbeat_ttl_s/3"))
+    health_stall_s: float = Field(default=120.0, gt=0, description=(
+        "`--check` fails when the engine has had work but no step for this long"))
     metrics_port: int = Field(default=9400, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, description=(
+        "address /metrics binds: 127.0.0.1 this host only, 0.0.0.0 every interface (containers, remote scrapes)"))
     metrics_interval_s: float = Field(default=2.0, gt=0, description="how often engine and queue gauges refresh")
 
     @model_validator(mode="after")
@@ -120,6 +130,18 @@ class WorkerSettings(BaseSettings):
             enable_prefix_caching=self.enable_prefix_caching, scheduling_policy=self.scheduling_policy,
             waiting_served_ratio=self.waiting_served_ratio, max_waiting_steps=self.max_waiting_steps,
             enforce_eager=self.enforce_eager, async_scheduling=self.async_scheduling, seed=self.seed)
+
+
+def unknown_env_names(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """(name, closest known name or None) for each TOKENRELAY_* variable no setting reads: a misspelt
+    setting would otherwise be ignored without a word."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in WorkerSettings.model_fields} | OTHER_ENV_NAMES
+    out = []
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.75)
+            out.append((name, close[0] if close else None))
+    return out
 
 
 def settings_help() -> str:

@@ -106,3 +106,61 @@ def test_error_event_exits_nonzero_in_subprocess(redis_server: RedisServer) -> N
     assert proc.returncode == 1
     assert proc.stdout == "par"
     assert "error (internal): worker lost the GPU" in proc.stderr
+
+
+def test_unreachable_redis_is_one_line_and_exit_3(capfd: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    code = main(["hi", "--redis-url", f"redis://127.0.0.1:{port}/0"])
+    err = capfd.readouterr().err
+    assert code == 3
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot reach Redis at redis://127.0.0.1:{port}/0")
+
+
+def test_sampling_flags_json_output_and_the_usage_line(redis_server: RedisServer,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    keys = Keys("cli")
+    producer = _fake_producer(redis_server, keys, "cli-4", _deltas())
+    code = main(["Say hello", "--seed", "7", "--stop", "\n\n", "--stop", "END", "--priority", "3", "--json",
+                 "--redis-url", redis_server.url, "--prefix", "cli", "--job-id", "cli-4", "--timeout", "20"])
+    producer.join()
+    assert code == 0
+    out, err = capsys.readouterr()
+    final = json.loads(out)  # one line: the done event
+    assert final["type"] == "done" and final["finish_reason"] == "stop" and final["text"] == "Hello, world"
+    assert "finish_reason=stop prompt_tokens=2 completion_tokens=4 job_id=cli-4" in err
+    job = parse_job(read_stream(redis_server.client(), keys.jobs)[0][1]["job"], 1 << 20)
+    assert job.priority == 3 and job.params.seed == 7 and job.params.stop == ["\n\n", "END"]
+
+
+def test_stream_json_prints_every_event(redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = Keys("cli")
+    producer = _fake_producer(redis_server, keys, "cli-5", _deltas())
+    code = main(["x", "--stream", "--json", "--redis-url", redis_server.url, "--prefix", "cli", "--job-id", "cli-5",
+                 "--timeout", "20"])
+    producer.join()
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [dump_event(e) for e in _deltas()]
+
+
+def test_status_and_replay(redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--redis-url", redis_server.url, "--prefix", "cli"]
+    assert main(["--status", "nobody", *common]) == 4
+    assert capsys.readouterr().out == "unknown\n"
+    keys = Keys("cli")
+    producer = _fake_producer(redis_server, keys, "cli-6", _deltas())
+    assert main(["first", "--job-id", "cli-6", "--timeout", "20", *common]) == 0
+    producer.join()
+    capsys.readouterr()
+    assert main(["--status", "cli-6", "--json", *common]) == 0
+    assert '"state": "done"' in capsys.readouterr().out
+    assert main(["second", "--job-id", "cli-6", "--timeout", "20", *common]) == 0  # replays, queues nothing
+    out, err = capsys.readouterr()
+    assert out == "Hello, world\n" and "submitted before" in err
+    assert redis_server.client().xlen(keys.jobs) == 1

@@ -144,7 +144,7 @@ def test_a_stop_signal_swallowed_while_loading_still_stops(monkeypatch: pytest.M
             shut_down.append(True)
 
     class LoadingWorker:
-        def __init__(self, settings: object, *, burst: bool) -> None:
+        def __init__(self, settings: object, *, burst: bool, **kwargs: object) -> None:
             with contextlib.suppress(BaseException):  # what such library code does
                 os.kill(os.getpid(), signal.SIGTERM)  # handled here, in the main thread
             self.engine = FakeEngine()
