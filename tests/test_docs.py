@@ -201,3 +201,36 @@ def test_redis_cli_examples_run(served_redis: str) -> None:
     events = [parse_event(fields[b"event"]) for _id, fields in entries]
     assert [e.type for e in events][-1] == "done" and sum(e.type == "done" for e in events) == 1
     client.close()
+
+
+# ---- install lines and compose commands ------------------------------------------------------------
+def _doc_texts() -> dict[str, str]:
+    paths = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").rglob("*.md")),
+             *sorted((ROOT / "examples").rglob("*.py"))]
+    return {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in paths}
+
+
+def test_install_lines_name_what_this_checkout_can_install() -> None:
+    """tokenrelay is not on a package index: its docs install it from the checkout (`.` or `.[extra]`),
+    and every extra they name exists."""
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    found = 0
+    for name, text in _doc_texts().items():
+        for match in re.finditer(r"pip install ([^`\n#]+)", text):
+            for spec in shlex.split(match.group(1).strip().rstrip(".,;)")):
+                found += 1
+                assert not re.match(r"tokenrelay\b", spec), f"{name}: `pip install {spec}` (not published)"
+                if spec.startswith(".["):
+                    assert set(spec[2:-1].split(",")) <= extras, f"{name}: unknown extra in {spec}"
+    assert found >= 3
+
+
+def test_compose_commands_with_a_profile_name_their_services() -> None:
+    """A bare `docker compose --profile X up` also starts every service without a profile (the GPU worker)."""
+    commands = [line.split("#")[0].split() for line in README.splitlines() if "docker compose --profile" in line]
+    assert len(commands) >= 2
+    for words in commands:
+        after_up = words[words.index("up") + 1:]
+        assert [w for w in after_up if not w.startswith("-")], f"no service named in {' '.join(words)}"

@@ -53,7 +53,8 @@ def reference_batch(model_dir: Path) -> Reference:
 
 class WorkerProcess:
     """One `python -m worker` subprocess with a fixed consumer name; kill / restart keep the name, so a
-    restarted worker claims its own pending entries at once (the others wait for lease_s)."""
+    restarted worker claims its own pending entries once the killed run's heartbeat has expired (at most
+    heartbeat_ttl_s; the others wait for lease_s)."""
 
     def __init__(self, redis_url: str, model: Path, consumer: str, log_dir: Path, args: Sequence[str] = (),
                  **overrides: Any) -> None:

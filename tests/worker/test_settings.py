@@ -87,10 +87,13 @@ def test_an_unreachable_hub_id_exits_2_in_one_line_without_retries() -> None:
 def test_check_fails_without_a_heartbeat_and_passes_with_one(redis_server: RedisServer) -> None:
     env = worker_env(redis_server.url, None)
     result = run_cli("--check", env=env)
-    assert result.returncode == 1 and "no live worker heartbeat" in result.stderr
+    assert result.returncode == 1 and "no live heartbeat for consumer 'w1'" in result.stderr
     redis_server.client().set("trtest:worker:w9", '{"jobs": 0, "time": 0}', ex=30)
+    result = run_cli("--check", env=env)  # another worker's heartbeat does not make this one healthy
+    assert result.returncode == 1 and "live consumers under this prefix: w9" in result.stderr
+    redis_server.client().set("trtest:worker:w1", '{"jobs": 0, "time": 0}', ex=30)
     result = run_cli("--check", env=env)
-    assert result.returncode == 0 and "w9" in result.stdout
+    assert result.returncode == 0 and result.stdout.startswith("w1: jobs=0")
     result = run_cli("--check", env=worker_env("redis://127.0.0.1:1/0", None, socket_timeout_s=1, block_ms=100))
     assert result.returncode == 1 and "cannot reach Redis" in result.stderr
 
