@@ -347,8 +347,12 @@ class Worker:
         while True:
             attempt = asyncio.ensure_future(body())
             stop = asyncio.ensure_future(self._stopping.wait())
-            await asyncio.wait((attempt, stop), return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+            try:
+                await asyncio.wait((attempt, stop), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                if cancel_requested():  # run() itself is cancelled: leave no attempt behind
+                    attempt.cancel()
             if not attempt.done():
                 attempt.cancel()
                 with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
