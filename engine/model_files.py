@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.gguf_weights import TENSOR_INDEX, tensor_index
-
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
@@ -79,36 +77,47 @@ def embedded_model_path() -> Path:
                              f"with `{EMBEDDED_INSTALL}`")
 
 
-def resolve_model(spec: str | None, cache_dir: Path | None = None) -> ModelFiles:
-    """Decide what `spec` names and make its config and tokenizer readable from one directory."""
-    cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
+def locate_model(spec: str | None) -> tuple[str, Path | None]:
+    """What `spec` names, without reading it: ("gguf", file), ("hf", directory) or ("hub", None).
+    Raises ModelNotFoundError for what cannot be there (a missing path, a stray file, no embedded model);
+    cheap, so `python -m worker` checks it before anything else."""
     if not spec:
-        path = embedded_model_path()
-        return ModelFiles(name=EMBEDDED_MODEL, config_dir=prepare_gguf(path, cache_dir), gguf_file=path)
+        return "gguf", embedded_model_path()
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelNotFoundError(f"model {spec!r} is a file but not a .gguf file: name a Hugging Face "
                                      f"checkpoint directory or a .gguf file")
-        return ModelFiles(name=spec, config_dir=prepare_gguf(path, cache_dir), gguf_file=path)
+        return "gguf", path
     if path.is_dir():
-        return _resolve_dir(spec, path, cache_dir)
+        if (path / "config.json").is_file():
+            return "hf", path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        if ggufs:
+            raise ModelNotFoundError(f"model directory {spec!r} holds {len(ggufs)} .gguf files "
+                                     f"({', '.join(p.name for p in ggufs[:4])}): name one of them")
+        raise ModelNotFoundError(f"model directory {spec!r} has neither a config.json (a Hugging Face "
+                                 f"checkpoint) nor a .gguf file")
     if _looks_like_a_path(spec):
         raise ModelNotFoundError(f"model {spec!r}: no such file or directory")
+    return "hub", None
+
+
+def resolve_model(spec: str | None, cache_dir: Path | None = None) -> ModelFiles:
+    """Decide what `spec` names and make its config and tokenizer readable from one directory."""
+    cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
+    kind, path = locate_model(spec)
+    name = spec or EMBEDDED_MODEL
+    if kind == "gguf":
+        assert path is not None
+        return ModelFiles(name=name, config_dir=prepare_gguf(path, cache_dir), gguf_file=path)
+    if kind == "hf":
+        assert path is not None
+        return ModelFiles(name=name, config_dir=path)
+    assert spec is not None
     return ModelFiles(name=spec, config_dir=_download(spec))
-
-
-def _resolve_dir(spec: str, path: Path, cache_dir: Path) -> ModelFiles:
-    if (path / "config.json").is_file():
-        return ModelFiles(name=spec, config_dir=path)
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return ModelFiles(name=spec, config_dir=prepare_gguf(ggufs[0], cache_dir), gguf_file=ggufs[0])
-    if ggufs:
-        raise ModelNotFoundError(f"model directory {spec!r} holds {len(ggufs)} .gguf files "
-                                 f"({', '.join(p.name for p in ggufs[:4])}): name one of them")
-    raise ModelNotFoundError(f"model directory {spec!r} has neither a config.json (a Hugging Face "
-                             f"checkpoint) nor a .gguf file")
 
 
 def _looks_like_a_path(spec: str) -> bool:
@@ -186,6 +195,8 @@ def prepare_gguf(path: Path, cache_dir: Path) -> Path:
 
 def _write_gguf_config_dir(path: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
+
+    from engine.gguf_weights import TENSOR_INDEX, tensor_index
 
     metadata = read_gguf_metadata(path)
     arch = str(metadata.get("general.architecture", ""))

@@ -375,6 +375,9 @@ class Worker:
 
 def _build_engine(settings: WorkerSettings) -> EngineFrontend:
     config = settings.to_engine_config()
+    # The line a person (and the SIGTERM-while-loading test) sees before the slow part starts.
+    logger.info("loading model=%s device=%s engine_process=%s", config.model or "(embedded default)",
+                config.device, settings.engine_process)
     if settings.engine_process:
         from engine.mp_engine import MPEngine
 

@@ -55,7 +55,20 @@ def metrics_port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def model_problem(model: str | None) -> str | None:
+    """A model that cannot be there (a missing path, no embedded model installed), or None. Whether a
+    hub id can be downloaded is only known by trying, when the engine starts."""
+    from engine.model_files import ModelNotFoundError, locate_model
+
+    try:
+        locate_model(model)
+    except ModelNotFoundError as exc:
+        return f"cannot start the engine: {exc}"
+    return None
+
+
 def problems(settings: WorkerSettings) -> list[str]:
-    """Every check that needs neither Redis nor the model."""
-    found = [device_problem(settings.device), metrics_port_problem(settings.metrics_host, settings.metrics_port)]
+    """Every check that needs neither Redis nor the model's weights."""
+    found = [model_problem(settings.model), device_problem(settings.device),
+             metrics_port_problem(settings.metrics_host, settings.metrics_port)]
     return [p for p in found if p is not None]

@@ -69,7 +69,7 @@ def test_help_lists_every_setting_with_default_and_description() -> None:
 
 
 def test_a_missing_model_path_exits_2_in_one_line_of_ours() -> None:
-    result = run_cli(env=worker_env("redis://localhost:1/0", Path("/models/Qwen3-0.6B")))
+    result = run_cli("--log-level", "WARNING", env=worker_env("redis://localhost:1/0", Path("/models/Qwen3-0.6B")))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "cannot start the engine: model '/models/Qwen3-0.6B': no such file or directory"]
@@ -78,7 +78,7 @@ def test_a_missing_model_path_exits_2_in_one_line_of_ours() -> None:
 def test_an_unreachable_hub_id_exits_2_in_one_line_without_retries() -> None:
     env = worker_env("redis://localhost:1/0", Path("tokenrelay-tests/no-such-model"))
     env["HF_HUB_OFFLINE"] = "1"  # no hub here either way; offline fails at once instead of timing out
-    result = run_cli(env=env)
+    result = run_cli("--log-level", "WARNING", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not be downloaded from the Hugging Face hub" in lines[0], lines
@@ -124,10 +124,19 @@ def test_sigterm_while_the_model_loads_exits_0(model_dir: Path, redis_server: Re
     process = subprocess.Popen([sys.executable, "-m", "worker"], cwd=REPO_ROOT,
                                env=worker_env(redis_server.url, model_dir, engine_process=engine_process),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.5)  # imports torch and loads the model for a few seconds: still starting
-    process.send_signal(signal.SIGTERM)
+    assert process.stderr is not None
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the worker says it starts loading the model
+        line = process.stderr.readline().decode()
+        seen.append(line)
+        if "loading model=" in line or not line:
+            break
+    assert "loading model=" in seen[-1], "".join(seen)[-2000:]
+    process.send_signal(signal.SIGTERM)  # the load takes seconds more: it lands while loading
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert process.returncode == 0, ("".join(seen) + stderr.decode())[-2000:]
+    assert "worker ready" not in stderr.decode(), "the stop came while loading, and the worker never served"
 
 
 def test_a_stop_signal_swallowed_while_loading_still_stops(monkeypatch: pytest.MonkeyPatch) -> None:
