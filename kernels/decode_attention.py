@@ -1,5 +1,9 @@
 """Decode attention over the paged KV cache (one query token per sequence): split-K flash-decoding,
-one program per (sequence, KV head, context partition) serving every query head of that KV group."""
+one program per (sequence, KV head, context partition) serving every query head of that KV group.
+
+A sequence whose context fits one partition writes its output directly; only longer ones go through
+the partial buffers and the reduction. An fp8 cache is dequantized in registers (per-token scales
+applied to the scores and probabilities)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import check_attention_args, dot_in_fp32, load_kv_tile, pipeline_stages
+from kernels.kv_cache import check_attention_args, dot_in_fp32, load_kv_tile, pipeline_stages, scale_args
 
 LOG2E = 1.4426950408889634
 
@@ -28,6 +32,9 @@ class DecodeConfig:
     use_dot: bool = True  # tl.dot with the head group padded to 16 rows, else broadcast-multiply + sum
     programs_per_sm: int = 4  # split the context until the grid holds this many programs per SM
     min_partition_tokens: int = 256  # never split finer than this: the reduction is not free
+    # Split-K balancing: cap every partition at this many tokens, even when the batch alone fills the
+    # GPU, so a ragged batch's long contexts do not leave a tail of lone programs (None: no cap).
+    max_partition_tokens: int | None = None
 
 
 @triton.jit
@@ -38,10 +45,12 @@ def _decode_partition_kernel(
     block_tables_ptr,  # [num_seqs, max_num_blocks_per_seq]
     seq_lens_ptr,  # [num_seqs]
     query_start_loc_ptr,  # [num_seqs + 1]
-    out_ptr,  # [num_tokens, num_heads, head_dim]: written directly when IS_SPLIT is False
+    out_ptr,  # [num_tokens, num_heads, head_dim]: written directly by one-partition sequences
     partial_acc_ptr,  # [num_seqs, num_heads, num_partitions, head_dim] fp32, unnormalised
     partial_max_ptr,  # [num_seqs, num_heads, num_partitions] fp32, log2 domain
     partial_sum_ptr,  # [num_seqs, num_heads, num_partitions] fp32
+    k_scale_ptr,  # [num_blocks, num_kv_heads, block_size] fp32 (fp8 caches only)
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in exp2
     partition_size,  # context tokens per partition, a multiple of BLOCK_N
     num_partitions,
@@ -50,6 +59,8 @@ def _decode_partition_kernel(
     stride_cache_block,
     stride_cache_head,
     stride_cache_tok,
+    stride_scale_block,
+    stride_scale_head,
     stride_bt_seq,
     stride_out_tok,
     stride_out_head,
@@ -62,6 +73,7 @@ def _decode_partition_kernel(
     IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # compute in fp32: the interpreter's bf16 tl.dot is wrong (triton 3.9)
+    IS_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -89,21 +101,28 @@ def _decode_partition_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     head_offset = kv_head.to(tl.int64) * stride_cache_head
+    scale_head_offset = kv_head.to(tl.int64) * stride_scale_head
     for start_n in range(part_start, part_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < part_end
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, head_offset, offs_n, mask_n, offs_d,
-                            stride_cache_block, stride_cache_tok, BLOCK_SIZE, UPCAST)  # [BLOCK_N, HEAD_DIM]
+        k, v, k_s, v_s = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, block_table_row, head_offset, offs_n, mask_n, offs_d,
+            stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr, scale_head_offset,
+            stride_scale_block, q.dtype, BLOCK_SIZE, IS_FP8)  # [BLOCK_N, HEAD_DIM], [BLOCK_N]
         if USE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:
             qk = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+        if IS_FP8:
+            qk = qk * k_s[None, :]  # dequantize K per token: q . (k8 * s) = (q . k8) * s
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))  # [GROUP_PAD, BLOCK_N]
         # Every tile starts below part_end, so m_new is finite from the first tile on.
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IS_FP8:
+            p = p * v_s[None, :]  # dequantize V per token: p @ (v8 * s) = (p * s) @ v8
         if USE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:
@@ -111,15 +130,19 @@ def _decode_partition_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    # A sequence that fits one partition needs no reduction: it writes its output here.
+    is_direct = True
     if IS_SPLIT:
+        is_direct = seq_len <= partition_size
+    if is_direct:
+        out = acc / l_i[:, None]
+        o_offs = q_start.to(tl.int64) * stride_out_tok + heads[:, None] * stride_out_head + offs_d[None, :]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+    else:
         row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_partitions + part
         tl.store(partial_max_ptr + row, m_i, mask=mask_g)
         tl.store(partial_sum_ptr + row, l_i, mask=mask_g)
         tl.store(partial_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])
-    else:
-        out = acc / l_i[:, None]
-        o_offs = q_start.to(tl.int64) * stride_out_tok + heads[:, None] * stride_out_head + offs_d[None, :]
-        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
 
 
 @triton.jit
@@ -144,6 +167,8 @@ def _decode_reduce_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     num_used = tl.cdiv(seq_len, partition_size)  # partitions past the sequence wrote nothing
+    if num_used <= 1:  # the partition kernel wrote this sequence's output itself
+        return
     offs_p = tl.arange(0, PARTITIONS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_p = offs_p < num_used
@@ -169,11 +194,15 @@ def _num_sms(device: torch.device) -> int:
 def choose_num_partitions(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, config: DecodeConfig
 ) -> int:
-    """Split the context until the grid fills the GPU, but keep partitions >= min_partition_tokens."""
+    """Split the context until the grid fills the GPU, but keep partitions >= min_partition_tokens;
+    with max_partition_tokens, split at least until no partition is longer than that."""
     base_programs = max(1, num_seqs * num_kv_heads)
     wanted = math.ceil(config.programs_per_sm * num_sms / base_programs)
     most = max(1, math.ceil(max_seq_len / max(config.min_partition_tokens, config.block_n)))
-    return max(1, min(wanted, most))
+    chosen = max(1, min(wanted, most))
+    if config.max_partition_tokens is not None:
+        chosen = max(chosen, math.ceil(max_seq_len / max(config.max_partition_tokens, config.block_n)))
+    return chosen
 
 
 def partition_plan(
@@ -203,10 +232,13 @@ def decode_attention(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     num_partitions: int | None = None,
+    k_scale: torch.Tensor | None = None,  # [num_blocks, num_kv_heads, block_size] fp32: fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Attention of each sequence's single new token over its cached context. max_seq_len is a host
     upper bound of seq_lens (it sizes the grid; under CUDA graphs pass the largest one captured)."""
-    out = check_attention_args(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
+    out = check_attention_args(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+                               k_scale, v_scale)
     config = config or DecodeConfig()
     num_seqs = seq_lens.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -217,6 +249,7 @@ def decode_attention(
         raise ValueError(f"DecodeConfig.block_n must be a power of two >= 16; got {config.block_n}")
     group = num_heads // num_kv_heads
     upcast = dot_in_fp32(query)
+    k_scale_arg, v_scale_arg, is_fp8 = scale_args(k_cache, k_scale, v_scale)
     num_partitions, partition_size = partition_plan(
         num_seqs, num_kv_heads, max_seq_len, query.device, config, num_partitions
     )
@@ -239,6 +272,8 @@ def decode_attention(
         partial_acc_ptr=partial_acc,
         partial_max_ptr=partial_max,
         partial_sum_ptr=partial_sum,
+        k_scale_ptr=k_scale_arg,
+        v_scale_ptr=v_scale_arg,
         qk_scale=scale * LOG2E,
         partition_size=partition_size,
         num_partitions=num_partitions,
@@ -247,6 +282,8 @@ def decode_attention(
         stride_cache_block=k_cache.stride(0),
         stride_cache_head=k_cache.stride(1),
         stride_cache_tok=k_cache.stride(2),
+        stride_scale_block=num_kv_heads * block_size,
+        stride_scale_head=block_size,
         stride_bt_seq=block_tables.stride(0),
         stride_out_tok=out.stride(0),
         stride_out_head=out.stride(1),
@@ -259,6 +296,7 @@ def decode_attention(
         IS_SPLIT=is_split,
         DOT_PRECISION="ieee" if upcast else "tf32",
         UPCAST=upcast,
+        IS_FP8=is_fp8,
         num_warps=config.num_warps,
         num_stages=pipeline_stages(num_stages, config.block_n, head_dim, k_cache.dtype),
     )

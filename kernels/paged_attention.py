@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import DecodeConfig, decode_attention
 from kernels.prefill_attention import prefill_attention
 
 
@@ -20,6 +20,9 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    k_scale: torch.Tensor | None = None,  # [num_blocks, num_kv_heads, block_size] fp32: fp8 caches only
+    v_scale: torch.Tensor | None = None,
+    decode_config: DecodeConfig | None = None,  # the decode kernel's tiles and split policy
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Same semantics as kernels.reference.paged_attention_ref: causal attention of each sequence's
     new tokens over its whole cached context, whose K/V (this step's included) are already written.
@@ -37,6 +40,9 @@ def paged_attention(
             scale=scale,
             max_seq_len=max_seq_len,
             out=out,
+            config=decode_config,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
     return prefill_attention(
         query=query,
@@ -48,4 +54,6 @@ def paged_attention(
         scale=scale,
         max_query_len=max_query_len,
         out=out,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )

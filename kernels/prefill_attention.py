@@ -1,5 +1,6 @@
 """Prefill / extend attention over the paged KV cache: variable query lengths per sequence
-(cu_seqlens_q), causal over the whole cached context, so chunked prefill and prefix hits just work."""
+(cu_seqlens_q), causal over the whole cached context, so chunked prefill and prefix hits just work.
+An fp8 cache is dequantized in registers, as in the decode kernel."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import check_attention_args, dot_in_fp32, load_kv_tile, pipeline_stages
+from kernels.kv_cache import check_attention_args, dot_in_fp32, load_kv_tile, pipeline_stages, scale_args
 
 LOG2E = 1.4426950408889634
 
@@ -21,12 +22,16 @@ def _prefill_kernel(
     seq_lens_ptr,  # [num_seqs]
     query_start_loc_ptr,  # [num_seqs + 1]
     out_ptr,  # [num_tokens, num_heads, head_dim]
+    k_scale_ptr,  # [num_blocks, num_kv_heads, block_size] fp32 (fp8 caches only)
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in exp2
     stride_q_tok,
     stride_q_head,
     stride_cache_block,
     stride_cache_head,
     stride_cache_tok,
+    stride_scale_block,
+    stride_scale_head,
     stride_bt_seq,
     stride_out_tok,
     stride_out_head,
@@ -38,6 +43,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # compute in fp32: the interpreter's bf16 tl.dot is wrong (triton 3.9)
+    IS_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -70,13 +76,19 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     head_offset = kv_head.to(tl.int64) * stride_cache_head
+    scale_head_offset = kv_head.to(tl.int64) * stride_scale_head
     kv_end = tl.minimum(seq_len, context_len + tile_start + BLOCK_Q)  # causal: nothing past the last row
     for start_n in range(0, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < kv_end
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, head_offset, offs_n, mask_n, offs_d,
-                            stride_cache_block, stride_cache_tok, BLOCK_SIZE, UPCAST)  # [BLOCK_N, HEAD_DIM]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        k, v, k_s, v_s = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, block_table_row, head_offset, offs_n, mask_n, offs_d,
+            stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr, scale_head_offset,
+            stride_scale_block, q.dtype, BLOCK_SIZE, IS_FP8)  # [BLOCK_N, HEAD_DIM], [BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if IS_FP8:
+            qk = qk * k_s[None, :]  # dequantize K per token
+        qk = qk * qk_scale
         visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         # Key 0 is visible to every row, so m_i is finite after the first tile and no row sees NaN.
@@ -84,6 +96,8 @@ def _prefill_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IS_FP8:
+            p = p * v_s[None, :]  # dequantize V per token
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -106,11 +120,14 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scale: torch.Tensor | None = None,  # [num_blocks, num_kv_heads, block_size] fp32: fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens (its last ones) over its cached context; the
     K/V of this step's tokens must already be in the cache. max_query_len is a host upper bound of
     the query lengths (it sizes the grid)."""
-    out = check_attention_args(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
+    out = check_attention_args(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+                               k_scale, v_scale)
     num_seqs = seq_lens.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -119,6 +136,7 @@ def prefill_attention(
     group = num_heads // num_kv_heads
     upcast = dot_in_fp32(query)
     group_pad = triton.next_power_of_2(group)
+    k_scale_arg, v_scale_arg, is_fp8 = scale_args(k_cache, k_scale, v_scale)
     # At least 16 rows for tl.dot; a large group gets few tokens per tile rather than huge tiles.
     block_q = max(rows_per_tile // group_pad, 16 // group_pad, 1)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
@@ -130,12 +148,16 @@ def prefill_attention(
         seq_lens_ptr=seq_lens,
         query_start_loc_ptr=query_start_loc,
         out_ptr=out,
+        k_scale_ptr=k_scale_arg,
+        v_scale_ptr=v_scale_arg,
         qk_scale=scale * LOG2E,
         stride_q_tok=query.stride(0),
         stride_q_head=query.stride(1),
         stride_cache_block=k_cache.stride(0),
         stride_cache_head=k_cache.stride(1),
         stride_cache_tok=k_cache.stride(2),
+        stride_scale_block=num_kv_heads * block_size,
+        stride_scale_head=block_size,
         stride_bt_seq=block_tables.stride(0),
         stride_out_tok=out.stride(0),
         stride_out_head=out.stride(1),
@@ -147,6 +169,7 @@ def prefill_attention(
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if upcast else "tf32",
         UPCAST=upcast,
+        IS_FP8=is_fp8,
         num_warps=num_warps,
         num_stages=pipeline_stages(num_stages, block_n, head_dim, k_cache.dtype),
     )

@@ -1,5 +1,6 @@
 """paged_attention (decode and prefill/extend kernels) against paged_attention_ref on random caches
-with shuffled block tables, partly filled last blocks, GQA, split-K decode and mixed query lengths."""
+with shuffled block tables, partly filled last blocks, GQA, split-K decode, mixed query lengths, and
+fp8 caches with per-token scales."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from kernels import (
     write_kv_cache_ref,
 )
 from kernels.decode_attention import choose_num_partitions
+from kernels.reference import FP8_DTYPE
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 POISON = 30.0  # fills every slot no sequence owns: a kernel that reads one is far off the reference
@@ -34,6 +36,8 @@ class Batch:
     scale: float
     max_query_len: int
     max_seq_len: int
+    k_scale: torch.Tensor | None = None  # [num_blocks, num_kv_heads, block_size] fp32: fp8 caches only
+    v_scale: torch.Tensor | None = None
 
 
 def make_batch(
@@ -46,17 +50,25 @@ def make_batch(
     block_size: int,
     dtype: torch.dtype,
     seed: int,
+    kv_dtype: torch.dtype | None = None,
+    kv_magnitude: float = 1.0,
 ) -> Batch:
-    """Random K/V written through the reference into blocks taken in shuffled order; block-table
-    padding points at a poisoned spare block."""
+    """Random K/V (times kv_magnitude) written through the reference into blocks taken in shuffled
+    order; block-table padding points at a poisoned spare block. kv_dtype: the cache's dtype when it
+    differs from the query's (FP8_DTYPE: per-token scales beside it, poisoned where unwritten too)."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + 1
     order = torch.randperm(num_blocks, generator=gen)
     poison_block = int(order[-1])
     shape = (num_blocks, num_kv_heads, block_size, head_dim)
-    k_cache = torch.full(shape, POISON, dtype=dtype)
-    v_cache = torch.full(shape, POISON, dtype=dtype)
+    kv_dtype = kv_dtype or dtype
+    k_cache = torch.full(shape, POISON, dtype=kv_dtype)
+    v_cache = torch.full(shape, POISON, dtype=kv_dtype)
+    k_scale = v_scale = None
+    if kv_dtype == FP8_DTYPE:
+        k_scale = torch.full(shape[:3], POISON, dtype=torch.float32)
+        v_scale = torch.full(shape[:3], POISON, dtype=torch.float32)
     max_blocks = max(blocks_per_seq) + 2
     block_tables = torch.full((len(seq_lens), max_blocks), poison_block, dtype=torch.int32)
     used = 0
@@ -65,9 +77,9 @@ def make_batch(
         used += n
         block_tables[i, :n] = table
         slots = (table[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:seq_len]
-        key = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
-        value = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
-        write_kv_cache_ref(key, value, k_cache, v_cache, slots)
+        key = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen) * kv_magnitude
+        value = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen) * kv_magnitude
+        write_kv_cache_ref(key, value, k_cache, v_cache, slots, k_scale, v_scale)
     num_tokens = sum(query_lens)
     # A strided view, as the fused qkv projection produces it.
     qkv = torch.randn(num_tokens, num_kv_heads * group + 2 * num_kv_heads, head_dim, generator=gen)
@@ -83,18 +95,23 @@ def make_batch(
         scale=head_dim**-0.5,
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
+        k_scale=None if k_scale is None else k_scale.to(device),
+        v_scale=None if v_scale is None else v_scale.to(device),
     )
 
 
 def reference(batch: Batch) -> torch.Tensor:
+    is_fp8 = batch.k_cache.dtype == FP8_DTYPE
     return paged_attention_ref(
         batch.query.float(),
-        batch.k_cache.float(),
-        batch.v_cache.float(),
+        batch.k_cache if is_fp8 else batch.k_cache.float(),
+        batch.v_cache if is_fp8 else batch.v_cache.float(),
         batch.block_tables,
         batch.seq_lens,
         batch.query_start_loc,
         batch.scale,
+        batch.k_scale,
+        batch.v_scale,
     )
 
 
@@ -112,6 +129,8 @@ def run_kernel(batch: Batch, **decode_kwargs: object) -> torch.Tensor:
             scale=batch.scale,
             max_seq_len=batch.max_seq_len,
             out=out,
+            k_scale=batch.k_scale,
+            v_scale=batch.v_scale,
             **decode_kwargs,  # type: ignore[arg-type]
         )
     return paged_attention(
@@ -125,6 +144,8 @@ def run_kernel(batch: Batch, **decode_kwargs: object) -> torch.Tensor:
         max_query_len=batch.max_query_len,
         max_seq_len=batch.max_seq_len,
         out=out,
+        k_scale=batch.k_scale,
+        v_scale=batch.v_scale,
     )
 
 
@@ -174,6 +195,45 @@ def test_prefill_bf16_head_dim_64(device: torch.device) -> None:
     assert_close(run_kernel(batch), reference(batch), torch.bfloat16)
 
 
+@pytest.mark.parametrize(("dtype", "group"), [(torch.float32, 2), (torch.bfloat16, 4)])
+def test_fp8_decode_and_split_match_reference(device: torch.device, dtype: torch.dtype, group: int) -> None:
+    # Magnitudes far past e4m3's 448: only the per-token scales keep them representable.
+    batch = make_batch(device, [150, 1, 33, 70], [1] * 4, 2, group, 32, 16, dtype, seed=3,
+                       kv_dtype=FP8_DTYPE, kv_magnitude=1000.0)
+    ref = reference(batch)
+    assert_close(run_kernel(batch), ref, dtype)
+    # Split-K over fp8: one-partition sequences write directly, the rest through the reduction.
+    assert_close(run_kernel(batch, config=DecodeConfig(block_n=16), num_partitions=4), ref, dtype)
+
+
+def test_fp8_prefill_mixed_batch_matches_reference(device: torch.device) -> None:
+    seq_lens, query_lens = [29, 21, 45, 12], [1, 21, 19, 0]
+    batch = make_batch(device, seq_lens, query_lens, 2, 2, 32, 8, torch.float32, seed=9,
+                       kv_dtype=FP8_DTYPE, kv_magnitude=0.01)
+    assert batch.max_query_len > 1
+    assert_close(run_kernel(batch), reference(batch), torch.float32)
+
+
+def test_fp8_attention_stays_close_to_unquantized(device: torch.device) -> None:
+    """The fp8 cache's attention output is within e4m3's rounding (3 mantissa bits: ~5% here) of the
+    full-precision one on the same K/V: the quantization is right, not merely what the reference does."""
+    lens = [90, 40]
+    exact = make_batch(device, lens, [1, 1], 2, 2, 32, 16, torch.float32, seed=4)
+    fp8 = make_batch(device, lens, [1, 1], 2, 2, 32, 16, torch.float32, seed=4, kv_dtype=FP8_DTYPE)
+    out, want = run_kernel(fp8).cpu(), reference(exact).cpu()
+    rel = ((out - want).norm() / want.norm()).item()
+    assert 1e-3 < rel < 0.1, f"fp8 attention relative error {rel:.2e}"
+
+
+def test_balanced_split_writes_every_row(device: torch.device) -> None:
+    # A ragged batch under max_partition_tokens: short sequences take the direct path, long ones split.
+    seq_lens = [300, 20, 129, 64, 1]
+    batch = make_batch(device, seq_lens, [1] * 5, 2, 2, 32, 16, torch.float32, seed=6)
+    config = DecodeConfig(block_n=16, max_partition_tokens=64)
+    assert choose_num_partitions(5, 2, 300, 132, config) == 5
+    assert_close(run_kernel(batch, config=config), reference(batch), torch.float32)
+
+
 def test_partition_choice_fills_the_gpu() -> None:
     config = DecodeConfig()
     # One long sequence: split into many partitions; a large batch already fills 132 SMs.
@@ -181,6 +241,8 @@ def test_partition_choice_fills_the_gpu() -> None:
     assert choose_num_partitions(256, 8, 2048, 132, config) == 1
     # Short contexts are never split below min_partition_tokens.
     assert choose_num_partitions(1, 1, 300, 132, config) == 2
+    # The balancing cap splits a full batch too: 2048 tokens in partitions of at most 512.
+    assert choose_num_partitions(256, 8, 2048, 132, DecodeConfig(max_partition_tokens=512)) == 4
 
 
 def test_rejects_bad_arguments(device: torch.device) -> None:
@@ -264,6 +326,25 @@ def test_gpu_prefill_sweep(dtype: torch.dtype, head_dim: int, group: int) -> Non
     seq_lens = [q + int(torch.randint(0, 900, (1,), generator=gen)) for q in query_lens]
     seq_lens[2] = query_lens[2]  # one fresh prompt with no prior context
     batch = make_batch(torch.device("cuda"), seq_lens, query_lens, 2, group, head_dim, 16, dtype, seed=group)
+    assert_close(run_kernel(batch), reference(batch), dtype)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_fp8_sweep(dtype: torch.dtype, head_dim: int) -> None:
+    gen = torch.Generator().manual_seed(head_dim)
+    device = torch.device("cuda")
+    seq_lens = torch.randint(1, 3000, (37,), generator=gen).tolist()
+    batch = make_batch(device, seq_lens, [1] * 37, 4, 2, head_dim, 16, dtype, seed=2, kv_dtype=FP8_DTYPE,
+                       kv_magnitude=20.0)
+    ref = reference(batch)
+    assert_close(run_kernel(batch), ref, dtype)
+    assert_close(run_kernel(batch, config=DecodeConfig(max_partition_tokens=512)), ref, dtype)
+    query_lens = [1, 700, 1, 300, 64, 129]
+    seq_lens = [q + int(torch.randint(0, 900, (1,), generator=gen)) for q in query_lens]
+    batch = make_batch(device, seq_lens, query_lens, 4, 2, head_dim, 16, dtype, seed=3, kv_dtype=FP8_DTYPE)
     assert_close(run_kernel(batch), reference(batch), dtype)
 
 
