@@ -16,6 +16,9 @@ class EngineConfig:
     device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "float32", "bfloat16", "float16"
     block_size: int = 16  # tokens per KV block
+    # "auto": the KV cache in the model dtype; "fp8": e4m3 with one fp32 scale per (token, KV head),
+    # half the bytes per token (kernels/reference.py says how it is quantized).
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     num_kv_blocks: int | None = None  # None: sized from memory (gpu_memory_utilization on GPU)
     gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights + activations + KV
     cpu_kv_cache_gb: float = 1.0  # KV budget on the CPU when num_kv_blocks is None
@@ -46,6 +49,8 @@ class EngineConfig:
             fail(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             fail(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            fail(f"kv_cache_dtype must be 'auto' (the model dtype) or 'fp8' (e4m3); got {self.kv_cache_dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             fail(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

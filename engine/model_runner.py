@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from engine.model_files import ModelFiles
 from engine.sampler import SampleLogprobs, Sampler, SamplingMetadata
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from kernels.reference import FP8_DTYPE
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +66,14 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_cache_dtype = FP8_DTYPE if config.kv_cache_dtype == "fp8" else self.dtype
         self.max_model_len = max_model_len
         self.block_size = config.block_size
+        # Seconds of each start-up phase this runner owns (bench/startup.py reads the log lines).
+        self.startup_s: dict[str, float] = {}
+        started = time.perf_counter()
         self.model = load_model(files, hf_config, self.dtype, self.device)
+        self._record_startup("model_load", started)
         model_cfg = self.model.config
         if model_cfg.sliding_window is not None and max_model_len > model_cfg.sliding_window:
             raise UnsupportedModelError(
@@ -82,6 +89,7 @@ class ModelRunner:
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: torch.Tensor | None = None
+        self.kv_scales: torch.Tensor | None = None  # fp8 caches: [layers, 2, blocks, H_kv, block_size] fp32
         self.decode_graphs: DecodeGraphs | None = None
         # Device mirror of every live request's block table (one row each), for the decode graphs;
         # updated incrementally with the block ids each step appends. Row PADDING_ROW is never used.
@@ -89,11 +97,24 @@ class ModelRunner:
         self._free_table_rows = list(range(config.max_num_seqs, PADDING_ROW, -1))
         self._pending_table_writes: list[tuple[int, int, list[int]]] = []  # (row, first column, ids)
 
+    def _record_startup(self, phase: str, started: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.startup_s[phase] = time.perf_counter() - started
+        logger.info("startup phase=%s s=%.3f", phase, self.startup_s[phase])
+
+    @property
+    def is_fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype == FP8_DTYPE
+
     @property
     def kv_block_bytes(self) -> int:
-        """Bytes of one block across all layers (K and V)."""
-        element_size = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_dim * element_size
+        """Bytes of one block across all layers (K and V; an fp8 cache's 1-byte values plus their fp32
+        scales, one per token and KV head)."""
+        rows = 2 * self.num_layers * self.num_kv_heads * self.block_size  # (token, head) rows of K and V
+        element_size = torch.empty((), dtype=self.kv_cache_dtype).element_size()
+        scale_bytes = 4 if self.is_fp8_kv_cache else 0
+        return rows * (self.head_dim * element_size + scale_bytes)
 
     def num_kv_blocks_from_memory(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -101,7 +122,9 @@ class ModelRunner:
         if self.device.type == "cpu":
             num_blocks = int(self.config.cpu_kv_cache_gb * (1 << 30)) // self.kv_block_bytes
         else:
+            started = time.perf_counter()
             num_blocks = self._profile_gpu_num_blocks()
+            self._record_startup("kv_profile", started)
         if num_blocks < 1:
             raise ValueError(
                 f"no memory left for the KV cache (one block needs {self.kv_block_bytes} bytes); raise "
@@ -151,20 +174,23 @@ class ModelRunner:
             self.sampler(logits, metadata)
         self.requests.clear()
         release_kv_cache(self.model)
-        self.kv_cache = None
+        self.kv_cache = self.kv_scales = None
         return num_temp_blocks * self.kv_block_bytes
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # One tensor for all layers; each Attention layer gets views [num_blocks, H_kv, block_size, D].
-        self.kv_cache = torch.zeros(
-            (self.num_layers, 2, num_blocks, self.num_kv_heads, self.block_size, self.head_dim),
-            dtype=self.dtype, device=self.device)
-        bind_kv_cache(self.model, self.kv_cache)
+        shape = (self.num_layers, 2, num_blocks, self.num_kv_heads, self.block_size)
+        self.kv_cache = torch.zeros((*shape, self.head_dim), dtype=self.kv_cache_dtype, device=self.device)
+        # fp8: one fp32 scale per (token, KV head) row, written with the row.
+        self.kv_scales = (torch.zeros(shape, dtype=torch.float32, device=self.device)
+                          if self.is_fp8_kv_cache else None)
+        bind_kv_cache(self.model, self.kv_cache, self.kv_scales)
 
     def capture_cudagraphs(self) -> None:
         """Capture the decode forward for every padded batch size (CUDA only, after allocate_kv_cache)."""
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
+        started = time.perf_counter()
         max_blocks = -(-self.max_model_len // self.block_size)
         self.block_table_device = torch.zeros((self.config.max_num_seqs + 1, max_blocks), dtype=torch.int32,
                                               device=self.device)
@@ -173,6 +199,7 @@ class ModelRunner:
                               max_model_len=self.max_model_len, block_size=self.block_size)
         graphs.capture()
         self.decode_graphs = graphs
+        self._record_startup("graph_capture", started)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:

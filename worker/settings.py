@@ -52,6 +52,9 @@ class WorkerSettings(BaseSettings):
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
     dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     block_size: int = Field(default=16, description="tokens per KV block")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(default="auto", description=(
+        "auto (the model dtype) or fp8 (e4m3 with a scale per token and KV head: half the KV bytes, "
+        "twice the tokens in the pool; quality in BENCHMARKS.md)"))
     num_kv_blocks: int | None = Field(default=None, description="KV blocks; unset: sized from memory")
     gpu_memory_utilization: float = Field(default=0.90, description="fraction of GPU memory the engine may use")
     cpu_kv_cache_gb: float = Field(default=1.0, description="KV budget on the CPU when num_kv_blocks is unset")
@@ -124,6 +127,7 @@ class WorkerSettings(BaseSettings):
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(
             model=self.model or None, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, block_size=self.block_size,
+            kv_cache_dtype=self.kv_cache_dtype,
             num_kv_blocks=self.num_kv_blocks, gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gb=self.cpu_kv_cache_gb, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
