@@ -1,5 +1,6 @@
 """Kernel benchmark: device copy bandwidth, then the decode attention kernel's achieved bandwidth
-(bytes of K/V it must read + q/out, over the median time) across batch, context, head_dim and GQA.
+(bytes of K/V it must read + q/out, over the median time) across batch, context, head_dim and GQA,
+bf16 and fp8 caches, and the split-K balancing cap; the prefill kernel's TFLOP/s by tile and loop.
 
 Run on a GPU: `python -m bench.kernels [--quick]`; prints a table last, writes JSON to $OUT if set."""
 
@@ -16,8 +17,9 @@ import torch
 import triton
 import triton.testing
 
-from kernels import DecodeConfig, decode_attention, prefill_attention
+from kernels import DecodeConfig, PrefillConfig, decode_attention, prefill_attention
 from kernels.decode_attention import partition_plan
+from kernels.reference import quantize_fp8_rows
 
 BLOCK_SIZE = 16
 NUM_KV_HEADS = 8  # Qwen3-0.6B: 16 query heads over 8 KV heads, head_dim 128
@@ -34,6 +36,7 @@ class DecodeCase:
     config: DecodeConfig = field(default_factory=DecodeConfig)
     num_partitions: int | None = None
     label: str = ""
+    kv_cache_dtype: str = "auto"  # or "fp8": e4m3 values plus an fp32 scale per (token, head)
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -60,10 +63,14 @@ def make_decode_inputs(case: DecodeCase, device: torch.device, gen: torch.Genera
         block_tables[i, : blocks_per_seq[i]] = order[starts[i] : starts[i] + blocks_per_seq[i]]
     shape = (num_blocks, NUM_KV_HEADS, BLOCK_SIZE, case.head_dim)
     num_heads = NUM_KV_HEADS * case.group
+    caches = {"k_cache": torch.randn(shape, device=device, dtype=torch.bfloat16),
+              "v_cache": torch.randn(shape, device=device, dtype=torch.bfloat16)}
+    if case.kv_cache_dtype == "fp8":
+        for name in ("k", "v"):
+            caches[f"{name}_cache"], caches[f"{name}_scale"] = quantize_fp8_rows(caches[f"{name}_cache"])
     return {
         "query": torch.randn(case.batch, num_heads, case.head_dim, device=device, dtype=torch.bfloat16),
-        "k_cache": torch.randn(shape, device=device, dtype=torch.bfloat16),
-        "v_cache": torch.randn(shape, device=device, dtype=torch.bfloat16),
+        **caches,
         "block_tables": block_tables.to(device),
         "seq_lens": seq_lens.to(torch.int32).to(device),
         "query_start_loc": torch.arange(case.batch + 1, dtype=torch.int32, device=device),
@@ -87,8 +94,10 @@ def bench_decode(case: DecodeCase, device: torch.device, copy_bw: float) -> dict
     with torch.cuda.graph(graph):
         run()
     ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-    # Bytes the kernel cannot avoid: each sequence's K and V once, q read, out written (bf16).
-    kv_bytes = int(inputs["seq_lens"].sum()) * NUM_KV_HEADS * case.head_dim * 2 * 2
+    # Bytes the kernel cannot avoid: each sequence's K and V once (bf16, or fp8 plus its fp32 scale),
+    # q read, out written (bf16).
+    row_bytes = case.head_dim + 4 if case.kv_cache_dtype == "fp8" else 2 * case.head_dim
+    kv_bytes = int(inputs["seq_lens"].sum()) * NUM_KV_HEADS * row_bytes * 2
     io_bytes = 2 * inputs["query"].numel() * 2
     bandwidth = (kv_bytes + io_bytes) / (ms * 1e-3)
     num_partitions, _ = partition_plan(
@@ -107,7 +116,7 @@ def bench_decode(case: DecodeCase, device: torch.device, copy_bw: float) -> dict
 
 
 def bench_prefill(
-    device: torch.device, num_seqs: int, prompt_len: int, tile: tuple[int, int, int, int]
+    device: torch.device, num_seqs: int, prompt_len: int, config: PrefillConfig, kv_cache_dtype: str = "auto"
 ) -> dict[str, Any]:
     """One causal prefill of num_seqs fresh prompts (head_dim 128, 16 heads over 8 KV heads)."""
     head_dim, group = 128, 2
@@ -115,12 +124,14 @@ def bench_prefill(
     shape = (num_blocks, NUM_KV_HEADS, BLOCK_SIZE, head_dim)
     k_cache = torch.randn(shape, device=device, dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
+    k_scale = v_scale = None
+    if kv_cache_dtype == "fp8":
+        (k_cache, k_scale), (v_cache, v_scale) = quantize_fp8_rows(k_cache), quantize_fp8_rows(v_cache)
     block_tables = torch.randperm(num_blocks, device=device).to(torch.int32).view(num_seqs, -1)
     num_tokens = num_seqs * prompt_len
     query = torch.randn(num_tokens, NUM_KV_HEADS * group, head_dim, device=device, dtype=torch.bfloat16)
     seq_lens = torch.full((num_seqs,), prompt_len, dtype=torch.int32, device=device)
     query_start_loc = torch.arange(0, num_tokens + 1, prompt_len, dtype=torch.int32, device=device)
-    rows_per_tile, block_n, num_warps, num_stages = tile
     ms = triton.testing.do_bench(
         lambda: prefill_attention(
             query,
@@ -131,10 +142,9 @@ def bench_prefill(
             query_start_loc,
             head_dim**-0.5,
             prompt_len,
-            rows_per_tile=rows_per_tile,
-            block_n=block_n,
-            num_warps=num_warps,
-            num_stages=num_stages,
+            config=config,
+            k_scale=k_scale,
+            v_scale=v_scale,
         ),
         warmup=25,
         rep=100,
@@ -144,7 +154,8 @@ def bench_prefill(
     return {
         "num_seqs": num_seqs,
         "prompt_len": prompt_len,
-        "tile": tile,
+        "config": asdict(config),
+        "kv_cache_dtype": kv_cache_dtype,
         "time_us": ms * 1e3,
         "tflop_s": flops / (ms * 1e-3) / 1e12,
     }
@@ -153,6 +164,15 @@ def bench_prefill(
 def decode_cases(quick: bool) -> list[DecodeCase]:
     key = DecodeCase(**KEY_POINT, label="key")  # type: ignore[arg-type]
     cases = [key, DecodeCase(256, 2048, 128, 2, ragged=True, label="workload")]
+    # The split-K balancing cap and the fp8 cache on the workload's ragged shape (and Llama's head_dim).
+    for kv in ("auto", "fp8"):
+        for head_dim, context in ((128, 2048), (128, 4224), (64, 2048)):
+            for cap in (None, 512, 1024):
+                if kv == "auto" and cap is None and (head_dim, context) == (128, 2048):
+                    continue  # the "workload" row
+                cases.append(DecodeCase(256, context, head_dim, 2 if head_dim == 128 else 4, ragged=True,
+                                        config=DecodeConfig(max_partition_tokens=cap),
+                                        label=f"{kv}{'' if cap is None else f'/{cap}'}", kv_cache_dtype=kv))
     if quick:
         return cases
     # Tile shapes and split factors at the key point: the tuning evidence.
@@ -198,7 +218,15 @@ def main() -> None:
         results.append(bench_decode(case, device, copy_bw))
         torch.cuda.empty_cache()  # the next case's cache may be large
     prefill_tiles = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
-    prefill = [bench_prefill(device, 4, 2048, tile) for tile in prefill_tiles] if not args.quick else []
+    if args.quick:
+        prefill_tiles = [(64, 64, 4, 2), (128, 64, 8, 2)]
+    prefill = []
+    for kv in ("auto", "fp8"):
+        for tile in prefill_tiles:
+            for causal_split in (False, True):
+                config = PrefillConfig(*tile, causal_split=causal_split)
+                prefill.append(bench_prefill(device, 4, 2048, config, kv))
+                torch.cuda.empty_cache()
     report = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
@@ -214,8 +242,11 @@ def main() -> None:
             json.dump(report, f, indent=1)
     print(f"device {report['device']}  torch {torch.__version__}  triton {triton.__version__}")
     for row in prefill:
+        c = row["config"]
+        tile = (c["rows_per_tile"], c["block_n"], c["num_warps"], c["num_stages"])
         print(
-            f"prefill {row['num_seqs']}x{row['prompt_len']} tile(rows,n,w,s)={row['tile']}: {row['time_us']:.0f} us, {row['tflop_s']:.0f} TFLOP/s"
+            f"prefill {row['num_seqs']}x{row['prompt_len']} {row['kv_cache_dtype']:<4} tile(rows,n,w,s)={tile} "
+            f"causal_split={c['causal_split']!s:<5}: {row['time_us']:.0f} us, {row['tflop_s']:.0f} TFLOP/s"
         )
     print(f"copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
     print(
@@ -225,6 +256,8 @@ def main() -> None:
     for r in results:
         c = r["config"]
         cfg = f"{'d' if c['use_dot'] else 'b'},{c['block_n']},{c['num_warps']},{c['num_stages'] or 'auto'}"
+        if c["max_partition_tokens"]:
+            cfg += f",<={c['max_partition_tokens']}"
         ctx = f"{'~' if r['ragged'] else ''}{r['context']}"
         print(
             f"{r['label']:8} {r['batch']:>5} {ctx:>5} {r['head_dim']:>4} {r['group']:>2} {cfg:>16} "

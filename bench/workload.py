@@ -25,6 +25,13 @@ MODEL_SHAPES: dict[str, dict[str, object]] = {
 }
 
 
+# name -> (prompt length range, output length range), each uniform and inclusive.
+WORKLOADS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "benchmark": ((100, 1024), (100, 1024)),  # shared/DESIGN.md's benchmark (nano-vllm's)
+    "prefill-heavy": ((1024, 4096), (32, 128)),  # RAG and summarisation: 653,210 prompt + 20,125 output tokens
+}
+
+
 @dataclass(frozen=True)
 class Workload:
     prompts: list[list[int]]
@@ -40,24 +47,59 @@ class Workload:
 
 
 def make_workload(num_requests: int = 256, min_len: int = 100, max_len: int = 1024,
-                  max_token_id: int = 10000, seed: int = 0) -> Workload:
-    """Prompt and output lengths uniform in [min_len, max_len] from random.Random(seed); random ids."""
+                  max_token_id: int = 10000, seed: int = 0, output_range: tuple[int, int] | None = None
+                  ) -> Workload:
+    """Prompt lengths uniform in [min_len, max_len], output lengths in output_range (default: the same
+    range), random ids, from random.Random(seed), drawn as nano-vllm's bench draws them: all prompt
+    lengths, then all output lengths, then the ids."""
     rng = random.Random(seed)
+    out_min, out_max = output_range or (min_len, max_len)
     prompt_lens = [rng.randint(min_len, max_len) for _ in range(num_requests)]
-    output_lens = [rng.randint(min_len, max_len) for _ in range(num_requests)]
+    output_lens = [rng.randint(out_min, out_max) for _ in range(num_requests)]
     prompts = [[rng.randint(0, max_token_id) for _ in range(n)] for n in prompt_lens]
     return Workload(prompts=prompts, output_lens=output_lens)
 
 
-def kv_bytes_per_token(shape: dict[str, object], dtype_bytes: int = 2) -> int:
-    layers, kv_heads, head_dim = (int(shape[k]) for k in  # type: ignore[call-overload]
-                                  ("num_hidden_layers", "num_key_value_heads", "head_dim"))
-    return layers * 2 * kv_heads * head_dim * dtype_bytes
+def named_workload(name: str, num_requests: int = 256) -> Workload:
+    (min_len, max_len), output_range = WORKLOADS[name]
+    return make_workload(num_requests, min_len, max_len, output_range=output_range)
 
 
-def roofline_bytes(workload: Workload, shape: dict[str, object], weight_bytes: int) -> tuple[int, int]:
+def _dims(shape: dict[str, object], *keys: str) -> list[int]:
+    return [int(shape[k]) for k in keys]  # type: ignore[call-overload]
+
+
+def kv_bytes_per_token(shape: dict[str, object], kv_cache_dtype: str = "auto") -> int:
+    """KV bytes of one token of context: bf16 values, or fp8 values plus an fp32 scale per KV head."""
+    layers, kv_heads, head_dim = _dims(shape, "num_hidden_layers", "num_key_value_heads", "head_dim")
+    row_bytes = head_dim + 4 if kv_cache_dtype == "fp8" else 2 * head_dim
+    return layers * 2 * kv_heads * row_bytes
+
+
+def prefill_flops(workload: Workload, shape: dict[str, object]) -> float:
+    """FLOPs of every prompt's prefill: the layers' matmuls over each prompt token, causal attention
+    (QK^T and PV over positions 1..P), the LM head for the one token each prompt samples."""
+    hidden, inter, layers, heads, kv_heads, head_dim, vocab = _dims(
+        shape, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "vocab_size")
+    q, kv = heads * head_dim, kv_heads * head_dim
+    layer_params = hidden * (q + 2 * kv) + q * hidden + hidden * 2 * inter + inter * hidden
+    causal_pairs = sum(len(p) * (len(p) + 1) / 2 for p in workload.prompts)
+    attention = 4.0 * layers * heads * head_dim * causal_pairs
+    return 2.0 * layers * layer_params * workload.num_prompt_tokens + attention \
+        + 2.0 * vocab * hidden * len(workload.prompts)
+
+
+def attention_prefill_flops(prompt_lens: list[int], shape: dict[str, object]) -> float:
+    """Causal attention FLOPs of one layer's prefill over fresh prompts (what the prefill kernel does)."""
+    heads, head_dim = _dims(shape, "num_attention_heads", "head_dim")
+    return 4.0 * heads * head_dim * sum(n * (n + 1) / 2 for n in prompt_lens)
+
+
+def roofline_bytes(workload: Workload, shape: dict[str, object], weight_bytes: int,
+                   kv_cache_dtype: str = "auto") -> tuple[int, int]:
     """(KV bytes every output token must read, weight bytes read once per decode step)."""
-    per_token = kv_bytes_per_token(shape)
+    per_token = kv_bytes_per_token(shape, kv_cache_dtype)
     kv = 0
     for prompt, n_out in zip(workload.prompts, workload.output_lens, strict=True):
         p = len(prompt)
@@ -76,7 +118,8 @@ def make_checkpoint(name: str, path: Path, device: str = "cpu", dtype: str = "bf
     arch = shape.pop("arch")
     config_cls = Qwen3Config if arch == "qwen3" else LlamaConfig
     vocab_size = int(shape["vocab_size"])  # type: ignore[call-overload]
-    config = config_cls(**shape, max_position_embeddings=4096, rope_theta=1000000.0,
+    # 8192 positions: room for the prefill-heavy workload's 4096 + 128 tokens (vLLM caps max_model_len here).
+    config = config_cls(**shape, max_position_embeddings=8192, rope_theta=1000000.0,
                         bos_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     with torch.device(device):

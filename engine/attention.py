@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 # "0": the default split (only when the batch alone cannot fill the GPU). Read once per process; the
 # A/B switch of scripts/gpu_h200.sh.
 DECODE_PARTITION_TOKENS_ENV = "TOKENRELAY_DECODE_MAX_PARTITION_TOKENS"
+# "1": the prefill kernel runs its fully visible K/V tiles unmasked and each sequence's heaviest query
+# tiles first (kernels/prefill_attention.py PrefillConfig.causal_split). Read once per process.
+PREFILL_CAUSAL_SPLIT_ENV = "TOKENRELAY_PREFILL_CAUSAL_SPLIT"
 
 
 @dataclass
@@ -62,15 +65,19 @@ def get_attention_ops(device_type: str) -> tuple[WriteKV, PagedAttn]:
             from kernels.decode_attention import DecodeConfig
             from kernels.kv_cache import write_kv_cache
             from kernels.paged_attention import paged_attention
+            from kernels.prefill_attention import PrefillConfig
         except Exception as exc:  # a broken Triton install must not take the engine down
             logger.warning("triton attention kernels unavailable (%s); using the torch reference", exc)
         else:
             max_partition_tokens = int(os.environ.get(DECODE_PARTITION_TOKENS_ENV) or 0)
-            if max_partition_tokens <= 0:
+            causal_split = os.environ.get(PREFILL_CAUSAL_SPLIT_ENV, "0") == "1"
+            if max_partition_tokens <= 0 and not causal_split:
                 return write_kv_cache, paged_attention
-            logger.info("decode attention: partitions of at most %d tokens", max_partition_tokens)
-            return write_kv_cache, functools.partial(
-                paged_attention, decode_config=DecodeConfig(max_partition_tokens=max_partition_tokens))
+            logger.info("attention kernels: decode partitions <= %s tokens, prefill causal split %s",
+                        max_partition_tokens or "default", causal_split)
+            decode_config = DecodeConfig(max_partition_tokens=max_partition_tokens or None)
+            return write_kv_cache, functools.partial(paged_attention, decode_config=decode_config,
+                                                     prefill_config=PrefillConfig(causal_split=causal_split))
     return write_kv_cache_ref, _paged_attention_ref
 
 

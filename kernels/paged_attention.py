@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kernels.decode_attention import DecodeConfig, decode_attention
-from kernels.prefill_attention import prefill_attention
+from kernels.prefill_attention import PrefillConfig, prefill_attention
 
 
 def paged_attention(
@@ -23,6 +23,7 @@ def paged_attention(
     k_scale: torch.Tensor | None = None,  # [num_blocks, num_kv_heads, block_size] fp32: fp8 caches only
     v_scale: torch.Tensor | None = None,
     decode_config: DecodeConfig | None = None,  # the decode kernel's tiles and split policy
+    prefill_config: PrefillConfig | None = None,  # the prefill kernel's tiles and causal loop
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Same semantics as kernels.reference.paged_attention_ref: causal attention of each sequence's
     new tokens over its whole cached context, whose K/V (this step's included) are already written.
@@ -54,6 +55,7 @@ def paged_attention(
         scale=scale,
         max_query_len=max_query_len,
         out=out,
+        config=prefill_config,
         k_scale=k_scale,
         v_scale=v_scale,
     )

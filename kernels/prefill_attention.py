@@ -4,6 +4,8 @@ An fp8 cache is dequantized in registers, as in the decode kernel."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -11,6 +13,58 @@ import triton.language as tl
 from kernels.kv_cache import check_attention_args, dot_in_fp32, load_kv_tile, pipeline_stages, scale_args
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(
+    q,  # [BLOCK_M, HEAD_DIM]
+    m_i,  # [BLOCK_M] running max (log2 domain)
+    l_i,  # [BLOCK_M] running sum
+    acc,  # [BLOCK_M, HEAD_DIM] fp32, unnormalised
+    start_n,
+    kv_end,
+    q_pos,  # [BLOCK_M] position of each row's token in its sequence
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_row,
+    head_offset,
+    offs_d,
+    stride_cache_block,
+    stride_cache_tok,
+    k_scale_ptr,
+    v_scale_ptr,
+    scale_head_offset,
+    stride_scale_block,
+    qk_scale,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every key of the tile is visible to every row (no compare, no where)
+):
+    """One K/V tile of the online softmax."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < kv_end
+    k, v, k_s, v_s = load_kv_tile(
+        k_cache_ptr, v_cache_ptr, block_table_row, head_offset, offs_n, mask_n, offs_d,
+        stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr, scale_head_offset,
+        stride_scale_block, q.dtype, BLOCK_SIZE, IS_FP8)  # [BLOCK_N, HEAD_DIM], [BLOCK_N]
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if IS_FP8:
+        qk = qk * k_s[None, :]  # dequantize K per token
+    qk = qk * qk_scale
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+    # Key 0 is visible to every row, so m_i is finite after the first tile and no row sees NaN.
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IS_FP8:
+        p = p * v_s[None, :]  # dequantize V per token
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -44,12 +98,19 @@ def _prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # compute in fp32: the interpreter's bf16 tl.dot is wrong (triton 3.9)
     IS_FP8: tl.constexpr,
+    CAUSAL_SPLIT: tl.constexpr,  # mask only the tiles the diagonal crosses; heaviest query tiles first
 ):
     seq = tl.program_id(0)
-    q_tile = tl.program_id(1)
     kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if CAUSAL_SPLIT:
+        # The last query tile sees the most keys: launch it first, so long tiles do not trail the grid.
+        q_tile = tl.cdiv(q_len, BLOCK_Q) - 1 - tl.program_id(1)
+        if q_tile < 0:  # the grid is sized for the longest query
+            return
+    else:
+        q_tile = tl.program_id(1)
     tile_start = q_tile * BLOCK_Q
     if tile_start >= q_len:  # the grid is sized for the longest query
         return
@@ -78,32 +139,39 @@ def _prefill_kernel(
     head_offset = kv_head.to(tl.int64) * stride_cache_head
     scale_head_offset = kv_head.to(tl.int64) * stride_scale_head
     kv_end = tl.minimum(seq_len, context_len + tile_start + BLOCK_Q)  # causal: nothing past the last row
-    for start_n in range(0, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < kv_end
-        k, v, k_s, v_s = load_kv_tile(
-            k_cache_ptr, v_cache_ptr, block_table_row, head_offset, offs_n, mask_n, offs_d,
-            stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr, scale_head_offset,
-            stride_scale_block, q.dtype, BLOCK_SIZE, IS_FP8)  # [BLOCK_N, HEAD_DIM], [BLOCK_N]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if IS_FP8:
-            qk = qk * k_s[None, :]  # dequantize K per token
-        qk = qk * qk_scale
-        visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        # Key 0 is visible to every row, so m_i is finite after the first tile and no row sees NaN.
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IS_FP8:
-            p = p * v_s[None, :]  # dequantize V per token
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    masked_start = 0
+    if CAUSAL_SPLIT:
+        # Keys up to the tile's first token are visible to every row: whole tiles of them need no mask.
+        masked_start = ((context_len + tile_start + 1) // BLOCK_N) * BLOCK_N
+        for start_n in range(0, masked_start, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, start_n, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_table_row,
+                head_offset, offs_d, stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr,
+                scale_head_offset, stride_scale_block, qk_scale, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, IS_FP8,
+                False)
+    for start_n in range(masked_start, kv_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, start_n, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_table_row,
+            head_offset, offs_d, stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr,
+            scale_head_offset, stride_scale_block, qk_scale, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, IS_FP8,
+            True)
 
     out = acc / l_i[:, None]
     o_offs = tokens[:, None] * stride_out_tok + heads[:, None] * stride_out_head + offs_d[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile and loop shape of the prefill kernel (bench/kernels.py sweeps these)."""
+
+    rows_per_tile: int = 64  # query rows (tokens x heads of one KV group) per program
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    # Run the fully visible K/V tiles without the causal mask (only the diagonal's tiles pay for the
+    # compare and select) and launch each sequence's heaviest query tiles first.
+    causal_split: bool = False
 
 
 def prefill_attention(
@@ -116,10 +184,7 @@ def prefill_attention(
     scale: float,
     max_query_len: int,
     out: torch.Tensor | None = None,
-    rows_per_tile: int = 64,  # query rows (tokens x heads of one KV group) per program
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    config: PrefillConfig | None = None,
     k_scale: torch.Tensor | None = None,  # [num_blocks, num_kv_heads, block_size] fp32: fp8 caches only
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
@@ -133,12 +198,13 @@ def prefill_attention(
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     if num_seqs == 0 or query.shape[0] == 0 or max_query_len <= 0:
         return out
+    config = config or PrefillConfig()
     group = num_heads // num_kv_heads
     upcast = dot_in_fp32(query)
     group_pad = triton.next_power_of_2(group)
     k_scale_arg, v_scale_arg, is_fp8 = scale_args(k_cache, k_scale, v_scale)
     # At least 16 rows for tl.dot; a large group gets few tokens per tile rather than huge tiles.
-    block_q = max(rows_per_tile // group_pad, 16 // group_pad, 1)
+    block_q = max(config.rows_per_tile // group_pad, 16 // group_pad, 1)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_kernel[grid](
         query_ptr=query,
@@ -166,11 +232,12 @@ def prefill_attention(
         BLOCK_Q=block_q,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
+        BLOCK_N=config.block_n,
         DOT_PRECISION="ieee" if upcast else "tf32",
         UPCAST=upcast,
         IS_FP8=is_fp8,
-        num_warps=num_warps,
-        num_stages=pipeline_stages(num_stages, block_n, head_dim, k_cache.dtype),
+        CAUSAL_SPLIT=config.causal_split,
+        num_warps=config.num_warps,
+        num_stages=pipeline_stages(config.num_stages, config.block_n, head_dim, k_cache.dtype),
     )
     return out

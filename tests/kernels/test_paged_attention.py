@@ -11,6 +11,7 @@ import torch
 
 from kernels import (
     DecodeConfig,
+    PrefillConfig,
     decode_attention,
     paged_attention,
     paged_attention_ref,
@@ -115,7 +116,7 @@ def reference(batch: Batch) -> torch.Tensor:
     )
 
 
-def run_kernel(batch: Batch, **decode_kwargs: object) -> torch.Tensor:
+def run_kernel(batch: Batch, prefill_config: PrefillConfig | None = None, **decode_kwargs: object) -> torch.Tensor:
     # NaN-poisoned output: a row the kernel forgets to write fails the comparison.
     out = torch.full(batch.query.shape, float("nan"), dtype=batch.query.dtype, device=batch.query.device)
     if decode_kwargs:
@@ -146,6 +147,7 @@ def run_kernel(batch: Batch, **decode_kwargs: object) -> torch.Tensor:
         out=out,
         k_scale=batch.k_scale,
         v_scale=batch.v_scale,
+        prefill_config=prefill_config,
     )
 
 
@@ -188,6 +190,18 @@ def test_prefill_mixed_batch_matches_reference(device: torch.device, block_size:
     )
     assert batch.max_query_len > 1
     assert_close(run_kernel(batch), reference(batch), torch.float32)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, FP8_DTYPE])
+def test_prefill_causal_split_matches_reference(device: torch.device, kv_dtype: torch.dtype | None) -> None:
+    # Small tiles so the prompts span many query and key tiles: unmasked tiles before the diagonal,
+    # masked ones across it, a context before the new tokens (extend), the heaviest tile launched first.
+    seq_lens, query_lens = [70, 45, 1, 90], [70, 30, 1, 17]
+    batch = make_batch(device, seq_lens, query_lens, 2, 2, 32, 8, torch.float32, seed=13, kv_dtype=kv_dtype)
+    config = PrefillConfig(rows_per_tile=16, block_n=16, causal_split=True)
+    ref = reference(batch)
+    assert_close(run_kernel(batch, prefill_config=config), ref, torch.float32)
+    assert_close(run_kernel(batch, prefill_config=PrefillConfig(rows_per_tile=16, block_n=16)), ref, torch.float32)
 
 
 def test_prefill_bf16_head_dim_64(device: torch.device) -> None:
@@ -326,7 +340,10 @@ def test_gpu_prefill_sweep(dtype: torch.dtype, head_dim: int, group: int) -> Non
     seq_lens = [q + int(torch.randint(0, 900, (1,), generator=gen)) for q in query_lens]
     seq_lens[2] = query_lens[2]  # one fresh prompt with no prior context
     batch = make_batch(torch.device("cuda"), seq_lens, query_lens, 2, group, head_dim, 16, dtype, seed=group)
-    assert_close(run_kernel(batch), reference(batch), dtype)
+    ref = reference(batch)
+    assert_close(run_kernel(batch), ref, dtype)
+    for config in (PrefillConfig(causal_split=True), PrefillConfig(128, 64, 8, 2, causal_split=True)):
+        assert_close(run_kernel(batch, prefill_config=config), ref, dtype)
 
 
 @pytest.mark.gpu
