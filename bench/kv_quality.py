@@ -66,12 +66,13 @@ def synthetic_checkpoint(path: Path, args: argparse.Namespace) -> tuple[Path, li
     return model_dir, prompts
 
 
-def make_engine(model_dir: Path, args: argparse.Namespace, kv_cache_dtype: str, num_kv_blocks: int) -> Any:
+def make_engine(model_dir: Path, args: argparse.Namespace, kv_cache_dtype: str, num_kv_blocks: int,
+                dtype: str = "auto") -> Any:
     from engine import EngineConfig
     from engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(
-        model=str(model_dir), device=args.device, kv_cache_dtype=kv_cache_dtype,  # type: ignore[arg-type]
+        model=str(model_dir), device=args.device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,  # type: ignore[arg-type]
         num_kv_blocks=num_kv_blocks, max_num_seqs=args.num_prompts,
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.num_prompts),
         max_model_len=args.max_model_len, enable_prefix_caching=False))
@@ -142,6 +143,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt")
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the longest sequence")
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--candidate-kv", default="fp8", choices=["auto", "fp8"],
+                        help="the compared engine's KV cache (auto with --candidate-dtype: a noise floor)")
+    parser.add_argument("--candidate-dtype", default="auto",
+                        help="the compared engine's model dtype, e.g. bfloat16 against the CPU's float32")
     parser.add_argument("--json", default=None, help="write the results here (default: $OUT or bench/out)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -168,17 +173,19 @@ def main() -> None:
         # Room for every prompt's continuation at once (generate runs them together), 16-token blocks.
         num_kv_blocks = sum(-(-(len(p) + args.max_tokens) // 16) for p in prompts) + 64
         auto = make_engine(model_dir, args, "auto", num_kv_blocks)
-        fp8 = make_engine(model_dir, args, "fp8", num_kv_blocks)
+        fp8 = make_engine(model_dir, args, args.candidate_kv, num_kv_blocks, args.candidate_dtype)
         metrics = compare(auto, fp8, prompts, args.max_tokens)
     result: dict[str, object] = dict(
         model=label, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        date=time.strftime("%Y-%m-%d"), num_prompts=len(prompts), max_tokens=args.max_tokens,
+        date=time.strftime("%Y-%m-%d"), candidate_kv=args.candidate_kv, candidate_dtype=args.candidate_dtype,
+        num_prompts=len(prompts), max_tokens=args.max_tokens,
         mean_prompt_len=sum(len(p) for p in prompts) / len(prompts), wall_s=time.perf_counter() - started,
         **metrics)
     out_path = Path(args.json) if args.json else Path(os.environ.get("OUT", "bench/out")) / f"kv-quality-{label}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2))
-    print(f"\nfp8 KV cache vs auto, {label} on {result['device']}: {len(prompts)} prompts "
+    print(f"\n{args.candidate_kv} KV cache, {args.candidate_dtype} model vs auto, {label} on {result['device']}: "
+          f"{len(prompts)} prompts "
           f"(mean {result['mean_prompt_len']:.0f} tokens), {args.max_tokens} greedy tokens each")
     print(f"{'greedy identical':<24}{metrics['greedy_identical']:>10.3f}")
     print(f"{'greedy prefix':<24}{metrics['greedy_prefix']:>10.3f}")

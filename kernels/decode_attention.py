@@ -108,7 +108,9 @@ def _decode_partition_kernel(
         k, v, k_s, v_s = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_table_row, head_offset, offs_n, mask_n, offs_d,
             stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr, scale_head_offset,
-            stride_scale_block, q.dtype, BLOCK_SIZE, IS_FP8)  # [BLOCK_N, HEAD_DIM], [BLOCK_N]
+            stride_scale_block, BLOCK_SIZE, UPCAST, IS_FP8)  # [BLOCK_N, HEAD_DIM], [BLOCK_N]
+        if IS_FP8:  # e4m3 -> the query's dtype is exact
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if USE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:
@@ -130,19 +132,18 @@ def _decode_partition_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    # A sequence that fits one partition needs no reduction: it writes its output here.
-    is_direct = True
+    o_offs = q_start.to(tl.int64) * stride_out_tok + heads[:, None] * stride_out_head + offs_d[None, :]
     if IS_SPLIT:
-        is_direct = seq_len <= partition_size
-    if is_direct:
-        out = acc / l_i[:, None]
-        o_offs = q_start.to(tl.int64) * stride_out_tok + heads[:, None] * stride_out_head + offs_d[None, :]
-        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+        # A sequence that fits one partition needs no reduction: it writes its output here.
+        if seq_len <= partition_size:
+            tl.store(out_ptr + o_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+        else:
+            row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_partitions + part
+            tl.store(partial_max_ptr + row, m_i, mask=mask_g)
+            tl.store(partial_sum_ptr + row, l_i, mask=mask_g)
+            tl.store(partial_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])
     else:
-        row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_partitions + part
-        tl.store(partial_max_ptr + row, m_i, mask=mask_g)
-        tl.store(partial_sum_ptr + row, l_i, mask=mask_g)
-        tl.store(partial_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(out_ptr + o_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
 
 
 @triton.jit

@@ -111,21 +111,24 @@ def load_kv_tile(
     v_scale_ptr,
     scale_head_offset,  # kv_head * stride_scale_head, int64
     stride_scale_block,
-    COMPUTE_DTYPE: tl.constexpr,  # the dtype K and V come back in (the query's, or fp32 when upcast)
     BLOCK_SIZE: tl.constexpr,
+    UPCAST: tl.constexpr,  # return fp32 tiles
     IS_FP8: tl.constexpr,
 ):
-    """One tile of K and V ([BLOCK_N, HEAD_DIM] each, in COMPUTE_DTYPE) gathered through the block
-    table, and their per-token scales ([BLOCK_N] fp32; ones unless IS_FP8). The decode and prefill
-    kernels share it so both address the paged cache the same way. An fp8 tile comes back unscaled
-    (e4m3 converts exactly to bf16/fp16/fp32): the kernels apply the scales to the [rows, BLOCK_N]
-    scores and probabilities, which is cheaper than scaling [BLOCK_N, HEAD_DIM] tiles."""
+    """One tile of K and V ([BLOCK_N, HEAD_DIM] each, in the cache's dtype or fp32 when UPCAST)
+    gathered through the block table, and their per-token scales ([BLOCK_N] fp32; ones unless IS_FP8).
+    The decode and prefill kernels share it so both address the paged cache the same way. An fp8 tile
+    comes back unscaled (the kernels convert it, exactly, to the query's dtype, and apply the scales to
+    the [rows, BLOCK_N] scores and probabilities, cheaper than scaling [BLOCK_N, HEAD_DIM] tiles)."""
     block_ids = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
     # 64-bit: block_id * stride_cache_block passes 2**31 elements in a large pool.
     tok_offs = block_ids * stride_cache_block + head_offset + (offs_n % BLOCK_SIZE) * stride_cache_tok
     kv_offs = tok_offs[:, None] + offs_d[None, :]
-    k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0).to(COMPUTE_DTYPE)
-    v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0).to(COMPUTE_DTYPE)
+    k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     if IS_FP8:
         scale_offs = block_ids * stride_scale_block + scale_head_offset + offs_n % BLOCK_SIZE
         k_s = tl.load(k_scale_ptr + scale_offs, mask=mask_n, other=0.0)

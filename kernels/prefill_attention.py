@@ -39,6 +39,7 @@ def _attend_tile(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     IS_FP8: tl.constexpr,
     MASKED: tl.constexpr,  # False: every key of the tile is visible to every row (no compare, no where)
 ):
@@ -48,7 +49,9 @@ def _attend_tile(
     k, v, k_s, v_s = load_kv_tile(
         k_cache_ptr, v_cache_ptr, block_table_row, head_offset, offs_n, mask_n, offs_d,
         stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr, scale_head_offset,
-        stride_scale_block, q.dtype, BLOCK_SIZE, IS_FP8)  # [BLOCK_N, HEAD_DIM], [BLOCK_N]
+        stride_scale_block, BLOCK_SIZE, UPCAST, IS_FP8)  # [BLOCK_N, HEAD_DIM], [BLOCK_N]
+    if IS_FP8:  # e4m3 -> the query's dtype is exact
+        k, v = k.to(q.dtype), v.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if IS_FP8:
         qk = qk * k_s[None, :]  # dequantize K per token
@@ -139,7 +142,6 @@ def _prefill_kernel(
     head_offset = kv_head.to(tl.int64) * stride_cache_head
     scale_head_offset = kv_head.to(tl.int64) * stride_scale_head
     kv_end = tl.minimum(seq_len, context_len + tile_start + BLOCK_Q)  # causal: nothing past the last row
-    masked_start = 0
     if CAUSAL_SPLIT:
         # Keys up to the tile's first token are visible to every row: whole tiles of them need no mask.
         masked_start = ((context_len + tile_start + 1) // BLOCK_N) * BLOCK_N
@@ -147,13 +149,15 @@ def _prefill_kernel(
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, start_n, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_table_row,
                 head_offset, offs_d, stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr,
-                scale_head_offset, stride_scale_block, qk_scale, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, IS_FP8,
+                scale_head_offset, stride_scale_block, qk_scale, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, UPCAST, IS_FP8,
                 False)
+    else:
+        masked_start = 0
     for start_n in range(masked_start, kv_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, start_n, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_table_row,
             head_offset, offs_d, stride_cache_block, stride_cache_tok, k_scale_ptr, v_scale_ptr,
-            scale_head_offset, stride_scale_block, qk_scale, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, IS_FP8,
+            scale_head_offset, stride_scale_block, qk_scale, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, UPCAST, IS_FP8,
             True)
 
     out = acc / l_i[:, None]
