@@ -4,7 +4,8 @@ next-token distributions, over 64 prompts, with everything else equal (same weig
     python -m bench.kv_quality                      # GPU: the benchmark shape (Qwen3-0.6B, random bf16)
     python -m bench.kv_quality --model tiny         # CPU smoke run
     python -m bench.kv_quality --synthetic          # a tiny model trained on bench/synthetic_lm.py's language
-    python -m bench.kv_quality --model-dir DIR      # any checkpoint (the embedded real model, a HF dir)
+    python -m bench.kv_quality --embedded           # the embedded real model (SmolLM2-135M-Instruct)
+    python -m bench.kv_quality --model-dir DIR      # any checkpoint (HF dir, .gguf file)
 
 Per prompt, both engines decode --max-tokens greedy tokens; then the fp8 engine is teacher-forced on the
 auto engine's continuation (one prefill forward over prompt + continuation, whose attention reads the
@@ -42,6 +43,7 @@ TEXT_TEMPLATES = ["Write a short story about {}.", "Explain {} to a child.",
 
 
 def text_prompts(tokenizer: Any, num_prompts: int) -> list[list[int]]:
+    """Short instructions and openings (the tokenizer's own encoding), for real checkpoints."""
     texts = [t.format(topic) for t in TEXT_TEMPLATES for topic in TEXT_TOPICS][:num_prompts]
     return [tokenizer.encode(text) for text in texts]
 
@@ -66,13 +68,14 @@ def synthetic_checkpoint(path: Path, args: argparse.Namespace) -> tuple[Path, li
     return model_dir, prompts
 
 
-def make_engine(model_dir: Path, args: argparse.Namespace, kv_cache_dtype: str, num_kv_blocks: int,
+def make_engine(model_dir: Path | None, args: argparse.Namespace, kv_cache_dtype: str, num_kv_blocks: int,
                 dtype: str = "auto") -> Any:
+    """An engine for the comparison (model_dir None: the embedded default model)."""
     from engine import EngineConfig
     from engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(
-        model=str(model_dir), device=args.device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,  # type: ignore[arg-type]
+        model=None if model_dir is None else str(model_dir), device=args.device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,  # type: ignore[arg-type]
         num_kv_blocks=num_kv_blocks, max_num_seqs=args.num_prompts,
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.num_prompts),
         max_model_len=args.max_model_len, enable_prefix_caching=False))
@@ -136,7 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, choices=sorted(MODEL_SHAPES),
                         help="random-weight shape (default: qwen3-0.6b on CUDA, tiny on the CPU)")
-    parser.add_argument("--model-dir", default=None, help="a checkpoint directory instead of a random shape")
+    parser.add_argument("--model-dir", default=None, help="a checkpoint (HF dir, .gguf) instead of a random shape")
+    parser.add_argument("--embedded", action="store_true", help="the embedded default model (SmolLM2-135M)")
     parser.add_argument("--synthetic", action="store_true", help="train bench/synthetic_lm.py's tiny model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -150,9 +154,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here (default: $OUT or bench/out)")
     args = parser.parse_args()
     started = time.perf_counter()
+    model_dir: Path | None
+    prompts: list[list[int]] | None
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model_dir:
-            model_dir, label = Path(args.model_dir), Path(args.model_dir).name
+        if args.embedded or args.model_dir:
+            model_dir = Path(args.model_dir) if args.model_dir else None
+            label = model_dir.name if model_dir else "embedded"
             prompts = None
         elif args.synthetic:
             model_dir, prompts = synthetic_checkpoint(Path(tmp) / "synthetic", args)
@@ -165,10 +172,12 @@ def main() -> None:
                 prompts = make_workload(args.num_prompts, 16, 128, max_token_id=4000).prompts
             else:  # the benchmark workload's prompts (100-1024 random ids)
                 prompts = make_workload(256).prompts[:args.num_prompts]
-        if prompts is None:
-            from transformers import AutoTokenizer
+        if prompts is None:  # a real checkpoint: text, its own tokenizer (engine/tokenizer.py's loader)
+            from engine.model_files import resolve_model
+            from engine.tokenizer import load_tokenizer
 
-            prompts = text_prompts(AutoTokenizer.from_pretrained(model_dir), args.num_prompts)
+            files = resolve_model(None if model_dir is None else str(model_dir))
+            prompts = text_prompts(load_tokenizer(files.config_dir), args.num_prompts)
         args.max_model_len = args.max_model_len or max(len(p) for p in prompts) + args.max_tokens
         # Room for every prompt's continuation at once (generate runs them together), 16-token blocks.
         num_kv_blocks = sum(-(-(len(p) + args.max_tokens) // 16) for p in prompts) + 64
