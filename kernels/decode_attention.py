@@ -124,7 +124,9 @@ def _decode_partition_kernel(
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if IS_FP8:
-            p = p * v_s[None, :]  # dequantize V per token: p @ (v8 * s) = (p * s) @ v8
+            # Dequantize V per token: p @ (v8 * s) = (p * s) @ v8. p * s is rounded to the query dtype:
+            # bf16 keeps fp32's range; fp16 flushes below ~6e-8, so rows with amax under ~1e-2 lose bits.
+            p = p * v_s[None, :]
         if USE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:

@@ -46,7 +46,7 @@ step() {
 bench_args="--baselines 0 --repeats 3"
 # 1. The new kernel paths on the GPU (fp8 with bf16/fp16 queries, causal split, split cap) vs the reference.
 step check 45 $PY -m pytest tests/kernels -q -x -n 8 --confcutdir=tests/kernels -p no:cacheprovider \
-  -k "fp8 or causal_split or balanced or (gpu_prefill_sweep and bfloat16)"
+  -k "fp8 or causal_split or balanced or (gpu_prefill_sweep and bf16)"
 # 2. Benchmark workload: auto, A/B switch A (split-K balancing), fp8; the workload JSON for vLLM.
 step bench 130 $PY -m bench.throughput --workload benchmark $bench_args \
   --configs auto,auto:split=512,fp8 --json "$out/throughput-qwen3-benchmark.json" \

@@ -331,7 +331,7 @@ def test_gpu_decode_sweep(dtype: torch.dtype, head_dim: int, group: int, block_s
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("group", [1, 2, 8])
 def test_gpu_prefill_sweep(dtype: torch.dtype, head_dim: int, group: int) -> None:
