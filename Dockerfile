@@ -13,7 +13,9 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HOME=/models/hf
+    HF_HOME=/models/hf \
+    TOKENRELAY_CACHE_DIR=/models/tokenrelay \
+    TOKENRELAY_METRICS_HOST=0.0.0.0
 
 WORKDIR /app
 
@@ -42,6 +44,8 @@ RUN useradd --create-home --uid 1000 tokenrelay \
     && chown tokenrelay:tokenrelay /models
 USER tokenrelay
 VOLUME ["/models"]
+# /metrics listens on all of the container's addresses (TOKENRELAY_METRICS_HOST above; the worker's
+# own default is loopback): publish it with -p 127.0.0.1:9400:9400, or not at all.
 EXPOSE 9400
 
 HEALTHCHECK --interval=15s --timeout=10s --start-period=180s --retries=3 \
