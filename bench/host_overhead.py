@@ -3,8 +3,8 @@
     python -m bench.host_overhead [--stream-text] [--num-steps 200] [--repeats 3] [--profile]
 
 The fake launch returns a fixed token for every request the real runner would sample, so what
-is timed is the engine's own bookkeeping: schedule, update_from_output, the output deltas and the rest
-of LLMEngine.step. The GPU path runs exactly this code while the GPU idles between decode graphs."""
+is timed is the engine's own bookkeeping: schedule, update_from_output, the output processing (text,
+stop strings) and the rest of LLMEngine.step. The GPU path runs exactly this code while the GPU idles between decode graphs."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def build_engine(model_dir: Path, *, stream_text: bool, num_steps: int, repeats:
     install_fake_runner(engine)
     params = SamplingParams(max_tokens=max_model_len, ignore_eos=True, temperature=0.0)
     for i, prompt in enumerate(workload.prompts):
-        engine.add_request(f"r{i}", prompt_token_ids=prompt, params=params, stream_text=stream_text)
+        engine.add_request(f"r{i}", prompt_token_ids=prompt, params=params, stream=stream_text)
     scheduler = engine.scheduler
     while scheduler.num_waiting or any(r.num_computed_tokens < r.num_tokens - 1 for r in scheduler.running):
         engine.step()
@@ -76,7 +76,7 @@ def time_steps(engine: LLMEngine, num_steps: int) -> float:
 
 
 def time_breakdown(engine: LLMEngine, num_steps: int) -> dict[str, float]:
-    """ms per step of each piece, from timers wrapped around schedule, update and each _delta."""
+    """ms per step of each piece, from timers wrapped around schedule, update and the output processing."""
     spent = dict.fromkeys(PIECES[:-1], 0.0)
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -93,14 +93,15 @@ def time_breakdown(engine: LLMEngine, num_steps: int) -> dict[str, float]:
     runner.launch = timed("fake runner", fake_launch)  # type: ignore[method-assign]
     scheduler.schedule = timed("schedule", scheduler.schedule)  # type: ignore[method-assign]
     scheduler.update_from_output = timed("update", scheduler.update_from_output)  # type: ignore[method-assign]
-    engine._delta = timed("deltas", engine._delta)  # type: ignore[method-assign]
+    processor = engine.output_processor
+    processor.process = timed("deltas", processor.process)  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
         for _ in range(num_steps):
             engine.step()
         total = time.perf_counter() - t0
     finally:
-        del scheduler.schedule, scheduler.update_from_output, engine._delta
+        del scheduler.schedule, scheduler.update_from_output, processor.process
         runner.launch = fake_launch  # type: ignore[method-assign]
     result = {name: s / num_steps * 1e3 for name, s in spent.items()}
     result["rest"] = total / num_steps * 1e3 - sum(result.values())

@@ -8,6 +8,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from engine.sampling_params import SamplingParams
 
 
@@ -75,3 +77,27 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, tag=0, gc=False):
+    """A validated Request on its way to an engine core in another process (what the scheduler needs;
+    its progress fields start fresh there)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams  # a dataclass to msgspec: rebuilt field by field, then validated again
+    eos_token_ids: list[int]
+    priority: int
+    seed: int
+    output_token_ids: list[int]
+
+    @classmethod
+    def from_request(cls, r: Request) -> EngineCoreRequest:
+        return cls(r.request_id, r.prompt_token_ids, r.sampling_params, sorted(r.eos_token_ids), r.priority,
+                   r.seed, r.output_token_ids)
+
+    def to_request(self) -> Request:
+        return Request(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+                       sampling_params=self.sampling_params,
+                       eos_token_ids=frozenset(self.eos_token_ids), priority=self.priority, seed=self.seed,
+                       output_token_ids=self.output_token_ids)

@@ -1,12 +1,11 @@
-"""EngineStats: a snapshot of the engine's load, safe to hand to another thread."""
+"""EngineStats: a snapshot of the engine's load, safe to hand to another thread or process."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 
-@dataclass(frozen=True)
-class EngineStats:
+class EngineStats(msgspec.Struct, frozen=True, array_like=True, gc=False):
     num_running: int
     num_waiting: int
     num_free_blocks: int

@@ -15,6 +15,7 @@ from engine import EngineConfig, PromptTooLongError, RequestOutput, SamplingPara
 from engine.async_engine import AsyncEngine, EngineFrontend
 from engine.llm_engine import LLMEngine
 from engine.mp_engine import MPEngine
+from engine.outputs import FinishReason
 
 
 @pytest.fixture(scope="module", params=["thread", "process"])
@@ -132,8 +133,24 @@ def test_stop_strings_resumes_logprobs_and_duplicates(async_engine: EngineFronte
     for got, want in zip(got_logprobs, logprobbed.logprobs, strict=True):
         assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-4 for k in got)
     # A duplicate id while the first still runs: only the duplicate fails.
-    dup = collect_all(async_engine, {"dup": {"prompt": "x", "params": SamplingParams(max_tokens=30, ignore_eos=True)}})
-    assert dup["dup"][-1].finish_reason == "length"
+    first: list[RequestOutput] = []
+    second: list[RequestOutput] = []
+    first_done, second_done = threading.Event(), threading.Event()
+
+    def collect_into(outs: list[RequestOutput], done: threading.Event):  # type: ignore[no-untyped-def]
+        def on_output(out: RequestOutput) -> None:
+            outs.append(out)
+            if out.finished:
+                done.set()
+        return on_output
+
+    long_params = SamplingParams(max_tokens=30, ignore_eos=True)
+    async_engine.submit("dup", prompt="x", params=long_params, on_output=collect_into(first, first_done))
+    async_engine.submit("dup", prompt="x", params=long_params, on_output=collect_into(second, second_done))
+    assert second_done.wait(60) and first_done.wait(60)
+    assert [o.finish_reason for o in second] == ["error"] and "already" in (second[0].error or "")
+    assert first[-1].finish_reason == "length" and sum(len(o.token_ids) for o in first) == 30
+    assert sum(o.finished for o in first) == 1
 
 
 def test_a_killed_engine_core_fails_its_requests_and_says_so(tiny_model_dirs: dict[str, Path]) -> None:
@@ -162,7 +179,8 @@ def test_a_killed_engine_core_fails_its_requests_and_says_so(tiny_model_dirs: di
         assert engine.error is not None and "exit" in str(engine.error)
         finals = [o for o in got if o.finished]
         assert sorted(o.request_id for o in finals) == ["victim", "victim-2"]
-        assert all(o.extra.get("error") and o.finish_reason == "abort" for o in finals)
+        # A typed end: an error, and what went wrong (the core's exit), not an abort with a flag beside it.
+        assert all(o.finish_reason == FinishReason.ERROR and "exit" in (o.error or "") for o in finals)
         assert not engine.is_running
         with pytest.raises(RuntimeError, match="died"):
             engine.submit("late", prompt="x", on_output=on_output)
@@ -173,3 +191,31 @@ def test_a_killed_engine_core_fails_its_requests_and_says_so(tiny_model_dirs: di
 def test_a_bad_checkpoint_raises_where_the_engine_is_built(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="max_model_len"):
         MPEngine(EngineConfig(model=str(tiny_model_dirs["qwen3"]), max_model_len=10**7))
+
+
+def test_a_failure_while_decoding_outputs_fails_that_request_and_nothing_else(
+        async_engine: EngineFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turning a step's token ids into text raises for one request: that request ends with an error
+    output (never silence: a job whose final output is lost holds its worker slot forever), and the
+    engine goes on serving."""
+    from engine.detokenizer import IncrementalDetokenizer
+
+    original = IncrementalDetokenizer.update
+    broken: set[int] = set()
+
+    def update(self: IncrementalDetokenizer, new_token_ids):  # type: ignore[no-untyped-def]
+        if id(self) in broken or not broken:
+            broken.add(id(self))
+            raise RuntimeError("injected decode failure")
+        return original(self, new_token_ids)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "update", update)
+    victim = collect_all(async_engine, {"victim": {"prompt": "Hello", "params": SamplingParams(
+        max_tokens=20, ignore_eos=True)}})["victim"]
+    assert victim[-1].finish_reason == "error" and "injected" in (victim[-1].error or "")
+    assert sum(o.finished for o in victim) == 1
+    fine = collect_all(async_engine, {"fine": {"prompt": "Hello", "params": SamplingParams(
+        max_tokens=5, ignore_eos=True)}})["fine"]
+    assert fine[-1].finish_reason == "length" and sum(len(o.token_ids) for o in fine) == 5
+    assert async_engine.is_running and async_engine.error is None
+    assert async_engine.stats().num_running == 0

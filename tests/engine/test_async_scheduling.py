@@ -88,7 +88,7 @@ def test_async_equals_sync(knobs: dict, tiny_model_dirs: dict[str, Path]) -> Non
     assert launched[0] > 0
     assert expected[3][1] == "stop" and len(expected[3][0]) == 5
     assert expected[7][1] == "stop"
-    assert not engine.has_unfinished() and engine._inflight is None
+    assert not engine.has_unfinished() and engine.core._inflight is None
     assert engine.scheduler.num_free_blocks == engine.scheduler.num_total_blocks
 
 
@@ -125,7 +125,7 @@ def test_abort_and_add_between_steps(tiny_model_dirs: dict[str, Path]) -> None:
     for _ in range(3):
         for out in engine.step():
             got[out.request_id] += out.token_ids
-    assert engine._inflight is not None  # both decoding: a step is launched ahead
+    assert engine.core._inflight is not None  # both decoding: a step is launched ahead
     engine.abort("a")
     engine.add_request("c", prompt_token_ids=prompts[2], params=greedy)
     while engine.has_unfinished():
@@ -137,7 +137,7 @@ def test_abort_and_add_between_steps(tiny_model_dirs: dict[str, Path]) -> None:
     assert got["a"] == expected["generate-0-0"][:len(got["a"])] and len(got["a"]) < 8
     assert got["b"] == expected["generate-0-1"]
     assert got["c"] == expected["generate-0-2"]
-    assert engine._inflight is None
+    assert engine.core._inflight is None
     assert engine.scheduler.num_free_blocks == engine.scheduler.num_total_blocks
 
 
@@ -150,7 +150,8 @@ def _ahead(scheduler: Scheduler) -> dict[str, int]:
 
 
 def test_schedule_ahead_decodes_and_chunks() -> None:
-    scheduler = make_scheduler(num_kv_blocks=40, max_num_batched_tokens=20)
+    # No cap on a long prompt's chunk (long_prefill_token_threshold = the budget): "long" takes it all.
+    scheduler = make_scheduler(num_kv_blocks=40, max_num_batched_tokens=20, long_prefill_token_threshold=20)
     runner = FakeRunner(scheduler)
     scheduler.add_request(make_request("long", 30, max_tokens=5))
     scheduler.add_request(make_request("short", 4, max_tokens=2))
