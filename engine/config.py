@@ -1,11 +1,18 @@
 """EngineConfig: every knob of the engine, validated once, never mutated after construction.
 
-Values that depend on the checkpoint (max_model_len=None, dtype="auto") are resolved by LLMEngine."""
+Values that depend on the checkpoint (max_model_len=None, dtype="auto") are resolved by the EngineCore.
+Each knob is declared here once, with its help line: the worker's settings are built from these fields."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def knob(default: Any, help: str) -> Any:
+    """A field with the one line of documentation that the worker's settings (TOKENRELAY_<NAME>, built
+    from these fields by worker/settings.py), `python -m worker --help` and the README show."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -13,30 +20,43 @@ class EngineConfig:
     # None: the embedded default (SmolLM2-135M-Instruct); else a local HF directory, a .gguf file (or a
     # directory holding one), or a hub id (engine/model_files.py resolves it).
     model: str | None = None
-    device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"
-    dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "float32", "bfloat16", "float16"
-    block_size: int = 16  # tokens per KV block
+    device: str = knob("cpu", "cpu, cuda or cuda:N")
+    dtype: str = knob("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    block_size: int = knob(16, "tokens per KV block")
     # "auto": the KV cache in the model dtype; "fp8": e4m3 with one fp32 scale per (token, KV head),
     # half the bytes per token (kernels/reference.py says how it is quantized).
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
-    num_kv_blocks: int | None = None  # None: sized from memory (gpu_memory_utilization on GPU)
-    gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights + activations + KV
-    cpu_kv_cache_gb: float = 1.0  # KV budget on the CPU when num_kv_blocks is None
-    max_num_seqs: int = 256  # sequence cap per step
-    max_num_batched_tokens: int = 8192  # token budget per step
-    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
-    enable_prefix_caching: bool = True
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
-    waiting_served_ratio: float | None = None  # TGI admission: admit when waiting >= ratio * running
-    max_waiting_steps: int | None = None  # ...or when this many steps passed without admission
-    enforce_eager: bool = False  # GPU: disable CUDA graphs for decode
+    kv_cache_dtype: Literal["auto", "fp8"] = knob("auto", (
+        "auto (the model dtype) or fp8 (e4m3 with a scale per token and KV head: half the KV bytes, "
+        "twice the tokens in the pool; quality in BENCHMARKS.md)"))
+    num_kv_blocks: int | None = knob(None, "KV blocks; unset: sized from memory (gpu_memory_utilization on GPU)")
+    gpu_memory_utilization: float = knob(0.90, "fraction of GPU memory for weights, activations and KV")
+    cpu_kv_cache_gb: float = knob(1.0, "KV budget on the CPU when num_kv_blocks is unset")
+    max_num_seqs: int = knob(256, "sequences per step (and jobs a worker holds at once)")
+    max_num_batched_tokens: int = knob(8192, "token budget per step (decodes + prefill chunks)")
+    max_model_len: int | None = knob(None, "context length; unset: the checkpoint's max_position_embeddings")
+    # A request's prefill chunk per step while others share the step (running decodes, waiting prompts),
+    # so a 32k-token prompt does not hold every other request back for the steps of its prefill.
+    long_prefill_token_threshold: int | None = knob(None, (
+        "largest prefill chunk of one request while others share the step; unset: half of "
+        "max_num_batched_tokens"))
+    enable_prefix_caching: bool = knob(True, "reuse KV blocks of shared prompt prefixes")
+    scheduling_policy: Literal["fcfs", "priority"] = knob("fcfs", (
+        "fcfs, or priority (the job's priority field, lower runs first)"))
+    waiting_served_ratio: float | None = knob(None, (
+        "TGI admission: admit prompts when waiting >= ratio x running; unset: always"))
+    # TGI pairs its ratio with max_waiting_tokens=20: without a bound a prompt that arrives alone beside
+    # a full batch would wait until the batch drains.
+    max_waiting_steps: int | None = knob(20, (
+        "with waiting_served_ratio: ...or after this many steps without admission (TGI pairs its ratio with 20)"))
+    enforce_eager: bool = knob(False, "GPU: no CUDA graphs for decode")
     # Schedule and launch step n+1 before step n's sampled tokens reach the host (they feed it on the
     # device), so the host's per-step work overlaps the GPU's. False: one step at a time.
-    async_scheduling: bool = True
-    seed: int = 0  # seeds unseeded requests' randomness, so a run is reproducible end to end
+    async_scheduling: bool = knob(True, "launch step n+1 before step n's tokens reach the host (host work overlaps the GPU)")
+    seed: int = knob(0, "seeds unseeded requests' sampling, so a run is reproducible end to end")
     # Where GGUF configs and tokenizers converted once are kept; None: TOKENRELAY_CACHE_DIR, else
     # $XDG_CACHE_HOME/tokenrelay or ~/.cache/tokenrelay.
-    cache_dir: str | None = None
+    cache_dir: str | None = knob(None, (
+        "where a GGUF's config and tokenizer, converted once, are kept; unset: ~/.cache/tokenrelay"))
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
@@ -72,5 +92,7 @@ class EngineConfig:
             fail(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if self.waiting_served_ratio is not None and self.waiting_served_ratio < 0:
             fail(f"waiting_served_ratio must be >= 0 or None, got {self.waiting_served_ratio}")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
+            fail(f"long_prefill_token_threshold must be >= 1 or None, got {self.long_prefill_token_threshold}")
         if self.max_waiting_steps is not None and self.max_waiting_steps < 1:
             fail(f"max_waiting_steps must be >= 1 or None, got {self.max_waiting_steps}")

@@ -105,6 +105,8 @@ class Scheduler:
         self._num_preemptions = 0
         self._num_steps_since_admission = 0
         self._ahead_blocked = False  # schedule_ahead() ran out of blocks: the next step must preempt
+        self.long_prefill_token_threshold = (config.long_prefill_token_threshold
+                                             or max(1, config.max_num_batched_tokens // 2))
 
     # ---- requests in and out ------------------------------------------------------------------
 
@@ -156,34 +158,67 @@ class Scheduler:
         """The next step, with no step in flight (async scheduling: see schedule_ahead)."""
         output = SchedulerOutput()
         self._ahead_blocked = False
-        budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(output, budget)
+        budget = self._schedule_running(output, self.config.max_num_batched_tokens, is_ahead=False)
         # No admission in a step that preempted: the freed blocks would only be fought over again.
         if not output.preempted_req_ids and self._admission_allowed():
             self._schedule_waiting(output, budget)
         self._num_steps_since_admission = 0 if output.new_requests else self._num_steps_since_admission + 1
+        return self._finish_output(output)
+
+    def schedule_ahead(self) -> SchedulerOutput | None:
+        """Schedule the running requests' next step while the previous one is still in flight.
+
+        A request whose in-flight step samples a token gets one decode token whose id only the
+        device knows yet (the runner feeds it from the sampled ids); one in a prefill chunk gets its
+        next chunk. A request whose in-flight token will be its last (max_tokens, max_model_len) is
+        left out; one that stops on EOS or a stop string there runs one wasted row, dropped in
+        update_from_output. Never admits or preempts: when blocks run out it stops, and the next step
+        is scheduled with nothing in flight. Returns None when nothing was scheduled (the
+        finished-request ids then stay for the next schedule)."""
+        output = SchedulerOutput()
+        self._schedule_running(output, self.config.max_num_batched_tokens, is_ahead=True)
+        if not output.num_scheduled_tokens:
+            return None
+        self._num_steps_since_admission += 1
+        return self._finish_output(output)
+
+    def _finish_output(self, output: SchedulerOutput) -> SchedulerOutput:
         output.total_num_scheduled_tokens = sum(output.num_scheduled_tokens.values())
         output.finished_req_ids = self._finished_req_ids
         self._finished_req_ids = set()
         return output
 
-    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, output: SchedulerOutput, budget: int, *, is_ahead: bool) -> int:
         """Running requests in order: a decode token or the next prefill chunk each. Returns the budget left.
 
-        When blocks run out, preempt victims until the request fits; stop once it is the victim."""
-        kv = self.kv_cache_manager
+        is_ahead (schedule_ahead): a step is in flight, and its tokens count as computed. Otherwise,
+        when blocks run out, victims are preempted until the request fits; it stops once it is the victim."""
         num_scheduled_tokens = output.num_scheduled_tokens
         cached_requests = output.cached_requests  # in running order, as scheduled
-        for request in list(self.running):
+        running = self.running
+        num_running = len(running)
+        for index, request in enumerate(list(running)):
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_computed_tokens = request.num_computed_tokens
-            num_new_tokens = min(request.num_tokens - num_computed_tokens, budget)
-            assert num_new_tokens > 0, f"{request.request_id}: the runner sampled no token for a finished prefill"
+            num_inflight = request.num_inflight_tokens  # 0 unless is_ahead
+            num_computed_tokens = request.num_computed_tokens + num_inflight
+            num_tokens = request.num_tokens
+            num_new_tokens = num_tokens - num_computed_tokens
+            if num_new_tokens > 1:  # a prefill chunk
+                num_new_tokens = min(num_new_tokens, budget)
+                if index < num_running - 1 or self.waiting:
+                    # Others come after it in this step: cap a long prompt's chunk so they get theirs.
+                    num_new_tokens = min(num_new_tokens, self.long_prefill_token_threshold)
+            elif num_new_tokens < 1:  # only ahead: the in-flight step samples this request's next token
+                assert is_ahead, f"{request.request_id}: the runner sampled no token for a finished prefill"
+                if (request.num_output_tokens + 1 >= request.sampling_params.max_tokens
+                        or num_tokens + 1 >= self.max_seq_len):
+                    continue  # that token is its last
+                num_new_tokens = 1
             block_ids = self._allocate(request, num_computed_tokens, num_new_tokens)
-            while block_ids is None:
+            while block_ids is None and not is_ahead:
                 victim = self._pick_victim()
                 self._preempt(victim, output)
                 if victim.request_id in num_scheduled_tokens:  # priority policy: undo its step
@@ -192,13 +227,14 @@ class Scheduler:
                         c for c in cached_requests if c.req_id != victim.request_id]
                 if victim is request:
                     break
-                block_ids = kv.allocate_slots(request, num_new_tokens)
+                block_ids = self._allocate(request, num_computed_tokens, num_new_tokens)
             if block_ids is None:
+                self._ahead_blocked = is_ahead
                 break
             num_scheduled_tokens[request.request_id] = num_new_tokens
             cached_requests.append(CachedRequestData(
                 req_id=request.request_id, new_block_ids=block_ids, num_computed_tokens=num_computed_tokens))
-            request.num_inflight_tokens = num_new_tokens
+            request.num_inflight_tokens = num_inflight + num_new_tokens
             budget -= num_new_tokens
         return budget
 
@@ -211,7 +247,9 @@ class Scheduler:
                 break
             assert request.num_computed_tokens == 0, "waiting requests hold no KV"
             computed_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
-            num_new_tokens = min(request.num_tokens - num_hit_tokens, budget)
+            # Others waiting behind it: cap a long prompt's chunk so they get in beside it.
+            cap = budget if len(self.waiting) == 1 else self.long_prefill_token_threshold
+            num_new_tokens = min(request.num_tokens - num_hit_tokens, budget, cap)
             if kv.allocate_slots(request, num_new_tokens, computed_block_ids) is None:
                 break  # the head does not fit: admitting those behind it would starve it
             self.waiting.pop()
@@ -245,51 +283,6 @@ class Scheduler:
                 and self.kv_cache_manager.num_free_blocks * self.block_size > head.num_tokens):
             return False  # (a head that cannot get its blocks waits either way: no reason to stop)
         return not any(request.sampling_params.has_penalties for request in self.running)
-
-    def schedule_ahead(self) -> SchedulerOutput | None:
-        """Schedule the running requests' next step while the previous one is still in flight.
-
-        A request whose in-flight step samples a token gets one decode token whose id only the
-        device knows yet (the runner feeds it from the sampled ids); one in a prefill chunk gets its
-        next chunk. A request whose in-flight token will be its last (max_tokens, max_model_len) is
-        left out; one that stops on EOS or a stop string there runs one wasted row, dropped in
-        update_from_output. Never admits or preempts: when blocks run out it stops, and the next step
-        is scheduled with nothing in flight. Returns None when nothing was scheduled (the
-        finished-request ids then stay for the next schedule)."""
-        output = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        max_seq_len = self.max_seq_len
-        num_scheduled_tokens = output.num_scheduled_tokens
-        cached_requests = output.cached_requests
-        for request in self.running:
-            if budget == 0:
-                break
-            num_inflight = request.num_inflight_tokens
-            num_computed_tokens = request.num_computed_tokens + num_inflight
-            num_tokens = request.num_tokens
-            if num_computed_tokens >= num_tokens:  # the in-flight step samples this request's next token
-                if (request.num_output_tokens + 1 >= request.sampling_params.max_tokens
-                        or num_tokens + 1 >= max_seq_len):
-                    continue  # that token is its last
-                num_new_tokens = 1
-            else:
-                num_new_tokens = min(num_tokens - num_computed_tokens, budget)
-            block_ids = self._allocate(request, num_computed_tokens, num_new_tokens)
-            if block_ids is None:
-                self._ahead_blocked = True
-                break
-            num_scheduled_tokens[request.request_id] = num_new_tokens
-            cached_requests.append(CachedRequestData(
-                req_id=request.request_id, new_block_ids=block_ids, num_computed_tokens=num_computed_tokens))
-            request.num_inflight_tokens = num_inflight + num_new_tokens
-            budget -= num_new_tokens
-        if not num_scheduled_tokens:
-            return None
-        self._num_steps_since_admission += 1
-        output.total_num_scheduled_tokens = sum(num_scheduled_tokens.values())
-        output.finished_req_ids = self._finished_req_ids
-        self._finished_req_ids = set()
-        return output
 
     def _allocate(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> list[int] | None:
         """New blocks for num_new_tokens after num_computed_tokens (computed or in flight); None when the

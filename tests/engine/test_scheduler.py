@@ -393,3 +393,45 @@ def test_no_admission_in_a_step_that_preempted() -> None:
     assert scheduler.num_free_blocks == 1
     output, _ = runner.step()
     assert [n.req_id for n in output.new_requests] == ["c"]
+
+
+def test_a_lone_arrival_under_waiting_served_ratio_is_admitted_within_the_default_bound() -> None:
+    # TGI pairs waiting_served_ratio with max_waiting_tokens=20: without a bound, a prompt that arrives
+    # alone beside ten running requests (1 < 1.2 x 10) would wait until every one of them finished.
+    scheduler = make_scheduler(num_kv_blocks=200, max_num_seqs=16, waiting_served_ratio=1.2)
+    runner = FakeRunner(scheduler)
+    for i in range(10):
+        scheduler.add_request(make_request(f"r{i}", 4, max_tokens=100))
+    assert len(runner.step()[0].new_requests) == 10  # nothing ran: admitted at once
+    scheduler.add_request(make_request("lone", 4))
+    admitted_at = next(step for step in range(1, 101) if runner.step()[0].new_requests)
+    assert admitted_at <= 21, admitted_at  # the default bound: 20 steps without an admission
+    assert scheduler.num_running == 11  # ...while the ten are still decoding
+
+
+def test_a_long_prompt_leaves_room_for_short_ones_beside_it() -> None:
+    # A 1000-token prompt under a 64-token budget: without a per-request cap its chunks take the whole
+    # budget for 16 steps and nothing else is admitted meanwhile.
+    scheduler = make_scheduler(num_kv_blocks=200, max_model_len=1100)
+    runner = FakeRunner(scheduler)
+    scheduler.add_request(make_request("long", 1000))
+    scheduler.add_request(make_request("short", 5))
+    output, _ = runner.step()
+    assert output.num_scheduled_tokens == {"long": 32, "short": 5}  # the cap: half the budget by default
+    scheduler.add_request(make_request("later", 6))  # arrives while the long prompt is mid-prefill
+    output, _ = runner.step()
+    assert output.num_scheduled_tokens == {"long": 32, "short": 1, "later": 6}
+    output, _ = runner.step()  # the decodes behind it still get their token every step
+    assert output.num_scheduled_tokens == {"long": 32, "short": 1, "later": 1}
+
+
+def test_long_prefill_token_threshold_sets_the_cap() -> None:
+    scheduler = make_scheduler(num_kv_blocks=200, max_model_len=1100, long_prefill_token_threshold=16)
+    runner = FakeRunner(scheduler)
+    scheduler.add_request(make_request("long", 1000))
+    output, _ = runner.step()
+    assert output.num_scheduled_tokens == {"long": 64}  # alone it is not held back: nobody needs the rest
+    scheduler.add_request(make_request("short", 40))
+    output, _ = runner.step()
+    # The last one scheduled in a step has nobody behind it to leave budget for.
+    assert output.num_scheduled_tokens == {"long": 16, "short": 40}
