@@ -1,8 +1,21 @@
-"""asyncio helpers shared by the worker's loops."""
+"""asyncio helpers shared by the worker's loops: cancel detection and the Redis retry policy."""
 
 from __future__ import annotations
 
 import asyncio
+
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+MAX_BACKOFF_S = 2.0
+
+
+def retry_forever(first_backoff_s: float, errors: tuple[type[BaseException], ...]) -> Retry:
+    """redis-py's Retry for a loop that must outlast a Redis outage: it waits first_backoff_s after the
+    first failure, doubling up to MAX_BACKOFF_S, and never gives up (the `fail` callback it is given
+    raises to stop it: on cancellation, on shutdown, on errors that waiting cannot heal)."""
+    return Retry(ExponentialBackoff(cap=MAX_BACKOFF_S, base=first_backoff_s / 2), retries=-1,
+                 supported_errors=errors)  # type: ignore[arg-type]
 
 
 def cancel_requested() -> bool:

@@ -21,8 +21,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import health
-from worker.aio import cancel_requested
-from worker.intake import Intake, JobTable
+from worker.aio import MAX_BACKOFF_S, cancel_requested, retry_forever
+from worker.intake import Intake
+from worker.jobs import AbortReason, JobTable
 from worker.lua import Scripts
 from worker.metrics import Metrics
 from worker.publisher import Publisher
@@ -30,16 +31,16 @@ from worker.recovery import Recovery
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from engine.async_engine import EngineFrontend
-    from worker.intake import Entry
+    from engine.core_client import EngineFrontend
+    from worker.jobs import Entry
 
 logger = logging.getLogger("tokenrelay.worker")
 
 HAND_BACK_TIMEOUT_S = 10.0  # after the drain: time for aborted jobs to reach Redis as hand-backs
 LOOP_EXIT_TIMEOUT_S = 5.0  # cancelled background loops must end within this
 STUCK_STOP_SLACK_S = 60.0  # a stop still running this long after drain + hand-back dumps every stack
-MAX_BACKOFF_S = 2.0
 OUTAGE_LOG_EVERY_S = 10.0  # while Redis is down, each loop logs at most this often
+_INTAKE_RETRY = retry_forever(0.05, (RedisError, OSError))
 
 
 class StartupStoppedError(Exception):
@@ -63,7 +64,7 @@ class Worker:
         self.scripts = Scripts(self.redis, self.keys.jobs, self.keys.dead, self.keys.group, settings.consumer,
                                keys=self.keys)
         self.metrics = Metrics()
-        self.table = JobTable()
+        self.table = JobTable(abort_request=engine.abort)
         self.publisher = Publisher(self.redis, self.keys, self.scripts, self.table, engine, self.metrics,
                                    settings.result_ttl_s)
         self.intake = Intake(self.redis, settings, self.table, engine, self.publisher)
@@ -171,9 +172,7 @@ class Worker:
         the tail of {p}:jobs (re-XADD + XACK in one script), so another worker starts it at once and
         resumes after the published tokens."""
         for job in self.table:
-            if job.abort_reason is None:
-                job.abort_reason = "handback"
-                self.engine.abort(job.job_id)
+            self.table.abort(job, AbortReason.HANDBACK)  # unless it is ending for another reason already
         deadline = time.monotonic() + HAND_BACK_TIMEOUT_S
         while self.table and time.monotonic() < deadline:
             await self.table.wait_changed(0.2)
@@ -201,31 +200,35 @@ class Worker:
 
     # ---- loops -------------------------------------------------------------------------------
     async def _intake_loop(self) -> None:
-        backoff_s = 0.05
         while not self.is_stopping:
             try:
-                room = self.intake.room
-                if room <= 0:
-                    await self.table.wait_changed(self.settings.block_ms / 1000)
-                    continue
-                block_ms = min(self.settings.block_ms, 200) if self.burst else self.settings.block_ms
-                entries = await self.intake.read(room, block_ms)
-                if entries:
-                    await self.intake.admit(entries)
-                elif self.burst and not self.table and await self._queue_is_idle():
-                    logger.info("burst: queue empty and nothing running: stopping")
-                    self.request_stop()
-                backoff_s = 0.05
-            except (RedisError, OSError) as exc:
-                if cancel_requested():
-                    raise asyncio.CancelledError from exc
-                # Entries read but not admitted stay in our PEL: XAUTOCLAIM picks them up after lease_s.
-                logger.warning("intake: %s; retrying in %.2fs", exc, backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
+                await _INTAKE_RETRY.call_with_retry(self._intake_once, self._intake_unreachable)
+            except (RedisError, OSError):
+                continue  # stopping: the loop ends
             except Exception:  # a bug must not stop the intake for good
                 logger.exception("intake failed; retrying in %.2fs", MAX_BACKOFF_S)
                 await asyncio.sleep(MAX_BACKOFF_S)
+
+    async def _intake_once(self) -> None:
+        room = self.intake.room
+        if room <= 0:
+            await self.table.wait_changed(self.settings.block_ms / 1000)
+            return
+        block_ms = min(self.settings.block_ms, 200) if self.burst else self.settings.block_ms
+        entries = await self.intake.read(room, block_ms)
+        if entries:
+            await self.intake.admit(entries)
+        elif self.burst and not self.table and await self._queue_is_idle():
+            logger.info("burst: queue empty and nothing running: stopping")
+            self.request_stop()
+
+    async def _intake_unreachable(self, exc: Exception) -> None:
+        if cancel_requested():
+            raise asyncio.CancelledError from exc
+        if self.is_stopping:
+            raise exc
+        # Entries read but not admitted stay in our PEL: XAUTOCLAIM picks them up after lease_s.
+        logger.warning("intake: %s; retrying", exc)
 
     async def _queue_is_idle(self) -> bool:
         entries = await self.recovery.reclaim(self.intake.room)
@@ -237,10 +240,8 @@ class Worker:
     async def _renew(self) -> None:
         for job_id in await self.recovery.renew(self.table):
             job = self.table.get(job_id)
-            if job is not None and job.abort_reason != "lost":
+            if job is not None and self.table.abort(job, AbortReason.LOST):
                 logger.warning("job=%s event=lost reason=lease_taken_over", job_id)
-                job.abort_reason = "lost"
-                self.engine.abort(job_id)
 
     async def _reclaim(self) -> None:
         if not self.is_stopping:
@@ -270,13 +271,13 @@ class Worker:
         flags = await self.redis.mget([self.keys.cancel(job.job_id) for job in jobs])
         now_ms = time.time() * 1000
         for job, flag in zip(jobs, flags, strict=True):
+            reason = None
             if flag is not None:
-                job.abort_reason = "cancelled"
+                reason = AbortReason.CANCELLED
             elif job.job.deadline_ms is not None and not job.token_ids and now_ms > job.job.deadline_ms:
-                job.abort_reason = "expired"
-            if job.abort_reason is not None:
-                logger.info("job=%s event=abort reason=%s", job.job_id, job.abort_reason)
-                self.engine.abort(job.job_id)
+                reason = AbortReason.EXPIRED
+            if reason is not None and self.table.abort(job, reason):
+                logger.info("job=%s event=abort reason=%s", job.job_id, reason.value)
 
     def _heartbeat_value(self) -> str:
         stats = self.engine.stats()

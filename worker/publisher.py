@@ -6,6 +6,7 @@ error events with their {p}:dead letters, and hand-backs at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,20 +17,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api_client.keys import Keys
-from api_client.schema import DoneEvent, ErrorEvent, TokenEvent, Usage, dump_event
-from engine.outputs import RequestOutput
+from api_client.schema import DoneEvent, ErrorEvent, Job, TokenEvent, dump_event
+from engine.outputs import FinishReason, RequestOutput
 from worker import lua
-from worker.aio import cancel_requested
+from worker.aio import cancel_requested, retry_forever
+from worker.jobs import AbortReason, Entry, JobTable, RunningJob, done_event
 from worker.metrics import Metrics
 
 if TYPE_CHECKING:
-    from engine.async_engine import EngineFrontend
-    from worker.intake import Entry, JobTable, RunningJob
+    from engine.core_client import EngineFrontend
 
 logger = logging.getLogger("tokenrelay.worker")
 
-_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-MAX_BACKOFF_S = 2.0
+# A batch that Redis could not take is sent again for as long as the outage lasts (every script is
+# idempotent).
+_SEND_RETRY = retry_forever(0.05, (RedisConnectionError, RedisTimeoutError, OSError))
 # Token deltas per script call: a batch of 256 jobs is one or two calls; each call's run time on the
 # server (~20 us a job) stays well under a millisecond so other clients are not held up.
 TOKENS_PER_CALL = 128
@@ -77,10 +79,24 @@ class Publisher:
             try:
                 if outputs:
                     await self._send(self._build(outputs))
-            except Exception:  # a bug must not silence every job: log, keep publishing
+            except Exception as exc:  # a bug or an unexpected reply: no job of this batch may linger
                 logger.exception("publisher: batch of %d outputs failed", len(outputs))
+                self._release({out.request_id for out in outputs}, exc)
             if len(outputs) != len(items):
                 return
+
+    def _release(self, job_ids: set[str], exc: Exception) -> None:
+        """Jobs whose batch failed midway: what was written is unknown, and their token counts ran ahead
+        of it. Stop them and free their slots, writing nothing more; their entries stay pending, so
+        after lease_s a worker (maybe this one) takes each over and resumes from its result stream."""
+        for job_id in job_ids:
+            job = self.table.get(job_id)
+            if job is None:
+                continue
+            logger.error("job=%s event=released reason=publish_failed error=%r", job_id, exc)
+            if not job.is_finishing:  # still generating: stop it (its final output is then ignored)
+                self.table.abort(job, AbortReason.LOST, f"publishing failed: {exc!r}")
+            self.table.remove(job_id)
 
     # ---- batches from engine outputs ---------------------------------------------------------
     def _build(self, outputs: list[RequestOutput]) -> list[_Op]:
@@ -91,7 +107,7 @@ class Publisher:
             job = self.table.get(out.request_id)
             if job is None:
                 continue
-            if job.abort_reason == "lost":  # another worker owns it now: write nothing
+            if job.abort_reason is AbortReason.LOST:  # another worker owns it now: write nothing
                 if out.finished:
                     self.table.remove(job.job_id)
                 continue
@@ -127,19 +143,19 @@ class Publisher:
 
     def _final_op(self, job: RunningJob, out: RequestOutput) -> _Op | None:
         reason = job.abort_reason
-        if out.finish_reason in ("stop", "length"):  # finished on its own before an abort landed
-            return _Op("final", job, event=done_event(job, out.finish_reason))
-        if out.extra.get("error"):
+        if out.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):  # ended on its own before an abort landed
+            return _Op("final", job, event=done_event(job, FinishReason(out.finish_reason).value))
+        if out.finish_reason == FinishReason.ERROR:
             if self.engine.error is not None:  # the engine died: another worker can still serve it
                 return _Op("hand_back", job)
-            return _Op("final", job, event=ErrorEvent(code="internal", message=out.text or "engine error"),
+            return _Op("final", job, event=ErrorEvent(code="internal", message=out.error or "engine error"),
                        dead=True)
-        if reason == "cancelled":
+        if reason is AbortReason.CANCELLED:
             return _Op("final", job, event=done_event(job, "cancelled"))
-        if reason == "expired":
+        if reason is AbortReason.EXPIRED:
             return _Op("final", job, event=ErrorEvent(
                 code="expired", message=f"deadline_ms={job.job.deadline_ms} passed before the job started"))
-        if reason == "handback":
+        if reason is AbortReason.HANDBACK:
             return _Op("hand_back", job)
         message = job.error_message or "the engine aborted the job"
         return _Op("final", job, event=ErrorEvent(code="internal", message=message), dead=True)
@@ -148,21 +164,9 @@ class Publisher:
     async def _send(self, ops: list[_Op]) -> None:
         """One pipeline per batch; on a connection error the same batch is sent again (every script
         is idempotent: a repeated delta or final event is refused as already written)."""
-        backoff_s = 0.05
         while ops:
-            try:
-                # `async with` resets the pipeline (returns its connection) even when execute raises.
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    commands = await self._queue_ops(pipe, ops)
-                    replies = await pipe.execute(raise_on_error=False)
-            except _RETRYABLE as exc:
-                if cancel_requested():
-                    raise asyncio.CancelledError from exc
-                logger.warning("publisher: Redis unreachable (%s); retrying %d writes in %.2fs", exc,
-                               len(ops), backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
-                continue
+            commands, replies = await _SEND_RETRY.call_with_retry(
+                functools.partial(self._execute, ops), functools.partial(self._send_failed, len(ops)))
             self.num_batches += 1
             retries = []
             for answered, reply in zip(commands, replies, strict=True):
@@ -170,6 +174,18 @@ class Publisher:
                     if (retry := self._handle(op, op_reply)) is not None:
                         retries.append(retry)
             ops = retries
+
+    async def _execute(self, ops: list[_Op]) -> tuple[list[list[_Op]], list[Any]]:
+        # `async with` resets the pipeline (returns its connection) even when execute raises.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            commands = await self._queue_ops(pipe, ops)
+            return commands, await pipe.execute(raise_on_error=False)
+
+    @staticmethod
+    async def _send_failed(num_ops: int, exc: Exception) -> None:
+        if cancel_requested():
+            raise asyncio.CancelledError from exc
+        logger.warning("publisher: Redis unreachable (%s); retrying %d writes", exc, num_ops)
 
     async def _queue_ops(self, pipe: Any, ops: list[_Op]) -> list[list[_Op]]:
         """Queue the batch: every token delta in a few script calls (TOKENS_PER_CALL jobs each),
@@ -221,7 +237,7 @@ class Publisher:
         if isinstance(reply, Exception):
             logger.error("job=%s event=write_failed kind=%s error=%s", job.job_id, op.kind, reply)
             if op.kind == "tokens":
-                self._abort(job, "internal", f"could not write to the result stream: {reply}")
+                self.table.abort(job, AbortReason.INTERNAL, f"could not write to the result stream: {reply}")
             else:  # left pending: after lease_s another worker (or we) take it over
                 self.table.remove(job.job_id)
             return None
@@ -229,16 +245,16 @@ class Publisher:
             code = int(reply[0])
             if code == lua.ERROR:
                 logger.error("job=%s event=write_failed kind=tokens error=script_error", job.job_id)
-                self._abort(job, "internal", "could not write to the result stream (script error)")
+                self.table.abort(job, AbortReason.INTERNAL, "could not write to the result stream (script error)")
             elif code in (lua.FINAL_EXISTS, lua.NOT_OWNER, lua.OVERLAP):
                 # OVERLAP: another entry with the same job id (a producer sent it twice) is further
                 # ahead; it owns the stream now and our entry is acked once its final event exists.
                 logger.warning("job=%s event=lost reason=%s", job.job_id,
                                {lua.FINAL_EXISTS: "final_exists", lua.NOT_OWNER: "not_owner"}.get(code, "overlap"))
-                self._abort(job, "lost")
+                self.table.abort(job, AbortReason.LOST)
             elif code == lua.GAP:
-                self._abort(job, "internal", f"result stream out of step: next index {int(reply[1])}, "
-                                             f"delta at {op.delta.index if op.delta else -1}")
+                self.table.abort(job, AbortReason.INTERNAL, f"result stream out of step: next index "
+                                 f"{int(reply[1])}, delta at {op.delta.index if op.delta else -1}")
             return None
         code = int(reply)
         if op.kind == "final" and code == lua.GAP:
@@ -260,12 +276,6 @@ class Publisher:
             logger.info("job=%s event=skip reason=%s", job.job_id,
                         "already_final" if code == lua.ALREADY else "not_owner")
         return None
-
-    def _abort(self, job: RunningJob, reason: str, message: str = "") -> None:
-        if job.abort_reason in (None, "cancelled", "expired", "handback"):
-            job.abort_reason = reason
-            job.error_message = message
-            self.engine.abort(job.job_id)
 
     def _finished(self, job: RunningJob, event: DoneEvent | ErrorEvent) -> None:
         now = time.monotonic()
@@ -295,9 +305,6 @@ class Publisher:
 
     async def reject(self, entry: Entry, job_id: str | None, ttl_s: int | None, code: str, message: str) -> None:
         """A job that cannot be served: error event (when its id is known), {p}:dead letter, ack."""
-        from api_client.schema import Job
-        from worker.intake import RunningJob
-
         logger.info("job=%s event=rejected code=%s entry=%s message=%r", job_id or "-", code,
                     entry.entry_id, message[:300])
         job = RunningJob(job_id or "", entry, Job.model_construct(), ttl_s or self.default_ttl_s)
@@ -311,9 +318,3 @@ def _split_reply(answered: list[_Op], reply: Any) -> list[Any]:
     if isinstance(reply, Exception) or answered[0].kind != "tokens":
         return [reply] * len(answered)
     return [reply[2 * i:2 * i + 2] for i in range(len(answered))]
-
-
-def done_event(job: RunningJob, finish_reason: str) -> DoneEvent:
-    return DoneEvent(finish_reason=finish_reason,  # type: ignore[arg-type]
-                     text=job.text, token_ids=job.token_ids,
-                     usage=Usage(prompt_tokens=job.num_prompt_tokens, completion_tokens=len(job.token_ids)))

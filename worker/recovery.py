@@ -14,9 +14,9 @@ from redis.asyncio import Redis
 
 from api_client.keys import EVENT_FIELD, Keys
 from api_client.schema import TokenEvent, parse_event
+from worker.jobs import AbortReason, Entry, JobTable, entries_from_reply
 
 if TYPE_CHECKING:
-    from worker.intake import Entry, JobTable
     from worker.lua import Scripts
 
 logger = logging.getLogger("tokenrelay.worker")
@@ -90,7 +90,7 @@ class Recovery:
         """Renew the leases of the jobs we hold; returns the job ids whose entry we no longer own
         (another worker took it over while we stalled, or Redis lost it)."""
         by_entry = {job.entry.entry_id: job.job_id for job in table
-                    if job.abort_reason != "lost" and not job.is_finishing}
+                    if job.abort_reason is not AbortReason.LOST and not job.is_finishing}
         lost_entries = await self.scripts.renew_leases(list(by_entry))
         return [by_entry[e] for e in lost_entries if e in by_entry]
 
@@ -128,8 +128,6 @@ class Recovery:
         return bool(summary and summary.get("pending"))
 
     async def _with_delivery_counts(self, items: Sequence[Any]) -> list[Entry]:
-        from worker.intake import entries_from_reply
-
         entries = entries_from_reply(items)
         if not entries:
             return []
