@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,11 @@ def hook(event, args):
     if armed[0] and event.startswith(WATCHED):
         seen.append([event, repr(args)[:300]])
 sys.addaudithook(hook)
+ready_fd = int(os.environ["AUDIT_READY_FD"])
 def arm(signum, frame):
     armed[0] = True
     open(os.devnull).close()  # the control: proves the hook is armed and records opens
+    os.write(ready_fd, b"1")  # tell the test (a write to an fd opened before: no audited event)
 signal.signal(signal.SIGUSR1, arm)
 from worker.__main__ import main
 code = main(sys.argv[1:])
@@ -71,8 +73,12 @@ def test_hostile_jobs_open_no_file_import_nothing_and_run_nothing(model_dir: Pat
         client: Any = server.client()
         env = worker_env(server.url, model_dir, consumer="w-audit")
         env["AUDIT_OUT"] = str(audit_out)
+        ready_r, ready_w = os.pipe()
+        env["AUDIT_READY_FD"] = str(ready_w)
         log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO_ROOT, env=env, stdout=log, stderr=log,
+                                pass_fds=(ready_w,))
+        os.close(ready_w)
         try:
             # Warm-up: every path a job can take (prompt, chat messages, token ids, sampling, stop strings,
             # logprobs, a rejected job), so lazy imports and first-use caches are done before arming.
@@ -90,7 +96,8 @@ def test_hostile_jobs_open_no_file_import_nothing_and_run_nothing(model_dir: Pat
             for job_id in warm:
                 wait_final(client, job_id, timeout_s=120)
             proc.send_signal(signal.SIGUSR1)
-            time.sleep(0.5)  # past a few loop iterations: the handler has run
+            readable, _, _ = select.select([ready_r], [], [], 60)
+            assert readable and os.read(ready_r, 1) == b"1", "the audit hook was never armed"
             hostile = hostile_jobs(marker)
             for job_id, job in hostile.items():
                 submit(client, job_id, **job)
@@ -101,6 +108,7 @@ def test_hostile_jobs_open_no_file_import_nothing_and_run_nothing(model_dir: Pat
             if proc.poll() is None:
                 proc.kill()
             log.close()
+            os.close(ready_r)
     seen = json.loads(audit_out.read_text())
     assert [event for event, _ in seen] == ["open"] and os.devnull in seen[0][1], seen  # the control only
     assert not marker.exists()

@@ -5,7 +5,6 @@ whose lease was taken over stops writing; a restarted consumer claims its own pe
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,8 @@ def test_a_dead_consumers_job_resumes_after_its_published_tokens(
         finish_reason="stop", text="x", token_ids=[7], usage=Usage(prompt_tokens=1, completion_tokens=1)))})
     entry = deliver_to(client, "dead-1", "poison", "hello")
     client.xclaim(KEYS.jobs, KEYS.group, "dead-1", 0, [entry], retrycount=5)  # crashed 5 workers already
-    time.sleep(0.3)
+    wait_until(lambda: all(p["time_since_delivered"] > 300 for p in client.xpending_range(
+        KEYS.jobs, KEYS.group, "-", "+", 10)), what="the dead consumer's entries to idle past the lease")
 
     worker = start_worker(settings_for(redis_server.url, model_dir, lease_s=0.25, max_deliveries=3))
     evs = wait_final(client, "resumed")
@@ -93,7 +93,9 @@ def test_a_worker_that_lost_its_lease_stops_writing(
     client.xclaim(KEYS.jobs, KEYS.group, "thief", 0, [entry])  # another worker took it over
     wait_until(lambda: len(worker.worker.table) == 0, what="the worker to drop the job")
     written = len(events(client, "stolen"))
-    time.sleep(0.3)
+    # Quiet: the engine has let the job go and the publisher holds nothing more to write.
+    wait_until(lambda: worker.worker.engine.stats().num_running == 0 and worker.worker.publisher.queue.empty(),
+               what="the engine and the publisher to go quiet")
     evs = events(client, "stolen")
     assert len(evs) == written and all(e.type == "token" for e in evs)  # no more writes, no final
     assert client.xpending_range(KEYS.jobs, KEYS.group, "-", "+", 1)[0]["consumer"] == b"thief"

@@ -121,6 +121,8 @@ def test_sigterm_while_the_model_loads_exits_0(model_dir: Path, redis_server: Re
     import signal
     import time
 
+    from tests.worker.conftest import KEYS
+
     process = subprocess.Popen([sys.executable, "-m", "worker"], cwd=REPO_ROOT,
                                env=worker_env(redis_server.url, model_dir, engine_process=engine_process),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -137,6 +139,8 @@ def test_sigterm_while_the_model_loads_exits_0(model_dir: Path, redis_server: Re
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, ("".join(seen) + stderr.decode())[-2000:]
     assert "worker ready" not in stderr.decode(), "the stop came while loading, and the worker never served"
+    # State, beside the log: it never created its consumer group (the first thing it does in Redis).
+    assert not redis_server.client().exists(KEYS.jobs)
 
 
 def test_a_stop_signal_swallowed_while_loading_still_stops(monkeypatch: pytest.MonkeyPatch) -> None:
