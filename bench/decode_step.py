@@ -46,7 +46,7 @@ def measure(model_dir: Path, mode: str, args: argparse.Namespace) -> dict[str, f
     workload = make_workload(num_requests=args.num_requests, max_token_id=min(10000, vocab_size - 1))
     for i, (prompt, n_out) in enumerate(zip(workload.prompts, workload.output_lens, strict=True)):
         engine.add_request(f"r{i}", prompt_token_ids=prompt,
-                           params=SamplingParams(max_tokens=n_out, temperature=args.temperature, ignore_eos=True), stream_text=False)
+                           params=SamplingParams(max_tokens=n_out, temperature=args.temperature, ignore_eos=True), stream=False)
     num_prefill_steps = 0
     while not _all_decoding(engine):
         engine.step()

@@ -35,7 +35,7 @@ def main() -> None:
     engine.generate(workload.prompts[:4], [SamplingParams(max_tokens=16, ignore_eos=True)] * 4)
     engine.scheduler.reset_prefix_cache()
     for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens, strict=True)):
-        engine.add_request(f"r{i}", prompt_token_ids=prompt, stream_text=False,
+        engine.add_request(f"r{i}", prompt_token_ids=prompt, stream=False,
                            params=SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0))
     scheduler, runner = engine.scheduler, engine.model_runner
     t0, steps = time.perf_counter(), 0
@@ -83,7 +83,7 @@ def main() -> None:
     runner.model.compute_logits = timed("logits", runner.model.compute_logits)  # type: ignore[method-assign]
     from_params = model_runner_module.SamplingMetadata.from_params
     model_runner_module.SamplingMetadata.from_params = timed("sampling metadata", from_params)  # type: ignore[method-assign]
-    engine._delta = timed("deltas", engine._delta)  # type: ignore[method-assign]
+    engine.output_processor.process = timed("outputs", engine.output_processor.process)  # type: ignore[method-assign]
     t0 = time.perf_counter()
     for _ in range(50):
         engine.step()
