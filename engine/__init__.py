@@ -4,7 +4,7 @@ Imports nothing from worker/ or redis: the GPU image runs it bare."""
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, PromptTooLongError, UnsupportedModelError
-from engine.outputs import RequestOutput
+from engine.outputs import FinishReason, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.stats import EngineStats
 
@@ -12,6 +12,7 @@ __all__ = [
     "AsyncEngine",
     "EngineConfig",
     "EngineStats",
+    "FinishReason",
     "InvalidRequestError",
     "LLMEngine",
     "PromptTooLongError",

@@ -81,8 +81,13 @@ class Scheduler:
     allow: the best time to first token, but each admitted prefill (or chunk) makes that step slower
     for every running decode. With config.waiting_served_ratio set (TGI's policy) prompts are admitted
     only when nothing runs, when num_waiting >= ratio * num_running, or when config.max_waiting_steps
-    steps passed since the last admission: prefills arrive in fewer, larger groups, so decodes run
-    smoother and batches grow fuller, at the price of a longer TTFT for a prompt that arrives alone.
+    (20 by default, TGI's max_waiting_tokens) steps passed since the last admission: prefills arrive in
+    fewer, larger groups, so decodes run smoother and batches grow fuller, at the price of a longer TTFT
+    for a prompt that arrives alone.
+
+    Long prompts. While others share the step (running after it, or waiting), one request's prefill
+    chunk is at most long_prefill_token_threshold tokens, so a 32k-token prompt neither keeps short
+    prompts out nor takes the decodes' tokens; the last request of a step takes what is left.
     """
 
     def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int) -> None:
