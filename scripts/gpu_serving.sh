@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The H100 serving run (issue 6), for the `device` tool, whose image has torch/triton/transformers but no
-# redis-py, pydantic-settings, prometheus-client or redis-server. Prepare the carry on this machine:
+# redis-py, pydantic-settings, prometheus-client, msgspec (the engine's pipe and outputs) or redis-server.
+# Prepare the carry on this machine:
 #   mkdir -p .whl .debs
 #   (cd .whl && pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #      --platform any --no-deps redis pydantic pydantic-core pydantic-settings prometheus-client tqdm \
-#      python-dotenv typing-inspection annotated-types typing-extensions)
+#      python-dotenv typing-inspection annotated-types typing-extensions msgspec)
 #   (cd .debs && apt-get download redis-server redis-tools libjemalloc2 liblzf1 liblua5.1-0)
 # then run with carry [".whl", ".debs"]:
 #   bash scripts/gpu_serving.sh --load-fractions 0.5 --no-knob-sweeps --compare-engine-modes
