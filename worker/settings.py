@@ -134,7 +134,10 @@ def unknown_env_names(environ: Mapping[str, str]) -> list[tuple[str, str | None]
 def settings_help() -> str:
     """One line per setting: env var, default, description (for `python -m worker --help`)."""
     lines = []
-    for name, field in WorkerSettings.model_fields.items():
+    own = [name for name in WorkerSettings.__annotations__ if name in WorkerSettings.model_fields]
+    after_model = own.index("model") + 1  # the engine knobs read best beside the model, as in the README
+    for name in [*own[:after_model], *ENGINE_KNOBS, *own[after_model:]]:
+        field = WorkerSettings.model_fields[name]
         if field.default_factory is not None:
             default = "<host name>" if name == "consumer" else "<computed>"
         else:
