@@ -5,7 +5,7 @@ Imports nothing from worker/ or redis: the GPU image runs it bare."""
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, PromptTooLongError, UnsupportedModelError
 from engine.outputs import FinishReason, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutputParams
 from engine.stats import EngineStats
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "PromptTooLongError",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputParams",
     "UnsupportedModelError",
 ]
 

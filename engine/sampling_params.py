@@ -4,7 +4,34 @@ Validated on construction so that a bad value fails at `add_request`, never insi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Literal
+
+STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "choice")
+
+
+@dataclass(frozen=True)
+class StructuredOutputParams:
+    """The grammar the output must match (engine/structured_output.py compiles it). Frozen and
+    hashable: it is the key of the compiled-grammar cache."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice"]
+    # json_schema: the schema as JSON text; regex: the pattern; choice: a JSON array of the strings;
+    # json_object: "" (any JSON object).
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in STRUCTURED_OUTPUT_KINDS,
+               f"structured_output.kind must be one of {', '.join(STRUCTURED_OUTPUT_KINDS)}, got {self.kind!r}")
+        _check(isinstance(self.spec, str), "structured_output.spec must be a string")
+        if self.kind == "choice":
+            try:
+                choices = json.loads(self.spec)
+            except ValueError:
+                choices = None
+            _check(isinstance(choices, list) and bool(choices) and all(isinstance(c, str) and c for c in choices),
+                   "choice must be a non-empty list of non-empty strings")
 
 
 @dataclass
@@ -23,6 +50,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0: only the sampled one)
     n: int = 1  # completions per prompt (engine.generate fans out; each gets its own request id)
+    structured_output: StructuredOutputParams | None = None  # a grammar the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,6 +79,13 @@ class SamplingParams:
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                f"logprobs must be None or an int in [0, 20], got {self.logprobs!r}")
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
+        if isinstance(self.structured_output, dict):  # from a plain-value wire (the engine core's pipe)
+            self.structured_output = StructuredOutputParams(**self.structured_output)
+        _check(self.structured_output is None or isinstance(self.structured_output, StructuredOutputParams),
+               f"structured_output must be StructuredOutputParams or None, got {self.structured_output!r}")
+        # A grammar ends with EOS: a request that ignores it would run past the end of its grammar.
+        _check(self.structured_output is None or not self.ignore_eos,
+               "ignore_eos cannot be combined with a structured output (the grammar ends with EOS)")
 
     @property
     def is_greedy(self) -> bool:
@@ -60,6 +95,12 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Sampling this request's next token reads its previous tokens on the host (penalties count
+        them, a grammar's matcher advances by them), so it cannot be scheduled ahead (async)."""
+        return self.has_penalties or self.structured_output is not None
 
 
 def _check(ok: bool, message: str) -> None:
