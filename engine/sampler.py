@@ -36,6 +36,9 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None = None  # [N, max_prompt_len] int64, padded with vocab_size
     output_token_ids: torch.Tensor | None = None  # [N, max_output_len] int64, padded with vocab_size
     max_num_logprobs: int | None = None  # top logprobs to return (max over rows); None: no row asked
+    # Structured outputs: the allowed tokens of the constrained rows (engine/structured_output.py).
+    token_bitmask: torch.Tensor | None = None  # [K, ceil(V/32)] int32, bit j of a row set: token j allowed
+    bitmask_rows: torch.Tensor | None = None  # [K] int64 rows of the batch they mask; None: every row
 
     @classmethod
     def from_params(
@@ -110,6 +113,12 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> tuple[torch.Tens
     logprobs_src = logits
     if md.repetition_penalty is not None:
         logits = apply_penalties(logits, md)
+    if md.token_bitmask is not None:
+        from engine.structured_output import apply_token_bitmask
+
+        if logits is logprobs_src and md.max_num_logprobs is not None:
+            logits = logits.clone()  # logprobs stay the model's own, before the grammar's mask
+        apply_token_bitmask(logits, md.token_bitmask, md.bitmask_rows)
     if md.is_all_greedy:
         token_ids = logits.argmax(dim=-1)
     else:
