@@ -23,6 +23,7 @@ from engine.model_files import ModelFiles
 from engine.sampler import SampleLogprobs, Sampler, SamplingMetadata
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.structured_output import RequestGrammar, StructuredOutputManager
 from kernels.reference import FP8_DTYPE
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class CachedRequestState:
     # Block table as an int32 CPU tensor grown in place, so a step stacks rows without a per-block loop.
     block_table: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
     num_blocks: int = 0
+    grammar: RequestGrammar | None = None  # structured output: the matcher, at this state's tokens
 
     @property
     def num_tokens(self) -> int:
@@ -62,8 +64,10 @@ class CachedRequestState:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, files: ModelFiles, hf_config: Any, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, files: ModelFiles, hf_config: Any, max_model_len: int,
+                 structured_output: StructuredOutputManager | None = None) -> None:
         self.config = config
+        self.structured_output = structured_output  # None: requests with a grammar cannot run here
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kv_cache_dtype = FP8_DTYPE if config.kv_cache_dtype == "fp8" else self.dtype
@@ -212,6 +216,11 @@ class ModelRunner:
                                        table_row=self._free_table_rows.pop())
             self.requests[new.req_id] = state
             self._append_blocks(state, new.block_ids)
+            grammar_params = new.sampling_params.structured_output
+            if grammar_params is not None:
+                assert self.structured_output is not None, "a request with a grammar needs a StructuredOutputManager"
+                state.grammar = self.structured_output.new_request_grammar(
+                    new.req_id, grammar_params, new.token_ids[new.num_prompt_tokens:])
         for cached in so.cached_requests:
             state = self.requests[cached.req_id]
             self._append_blocks(state, cached.new_block_ids)
@@ -273,9 +282,10 @@ class ModelRunner:
             [s.sampling_params for s in sampled], [s.seed for s in sampled],
             [s.num_tokens for s in sampled],
             [s.token_ids for s in sampled], [s.num_prompt_tokens for s in sampled], self.vocab_size, self.device)
+        self._add_token_bitmask(sampled, metadata)
         logits = self.model.compute_logits(rows)  # [N, vocab] in the model's dtype
         if not (metadata.is_all_greedy and metadata.max_num_logprobs is None
-                and metadata.repetition_penalty is None):
+                and metadata.repetition_penalty is None and metadata.token_bitmask is None):
             # Plain greedy takes the argmax of the model's own logits: the fp32 upcast is exact, so it
             # would pick the same token, after a [N, vocab] copy (~0.2 ms a step at 256 x 151,936).
             logits = logits.float()
@@ -305,9 +315,26 @@ class ModelRunner:
             state.token_ids.append(token_id)
             state.num_pending -= 1
             output.sampled_token_ids[state.req_id] = token_id
+            if state.grammar is not None:
+                state.grammar.accept(token_id)
         if handle.logprobs is not None:
             output.logprobs = _logprobs_to_dicts(handle.sampled, token_id_list, handle.logprobs)
         return output
+
+    def _add_token_bitmask(self, sampled: list[CachedRequestState], metadata: SamplingMetadata) -> None:
+        """Fill the grammar bitmask of the step's constrained rows (on the host, from each matcher) and
+        send it with the step; unconstrained rows of the batch are left alone."""
+        rows = [i for i, s in enumerate(sampled) if s.grammar is not None]
+        if not rows:
+            return
+        assert not any(sampled[i].num_pending for i in rows), \
+            "a grammar's bitmask follows the tokens on the host: schedule such a step with nothing in flight"
+        assert self.structured_output is not None
+        bitmask = self.structured_output.fill_bitmask([g for i in rows if (g := sampled[i].grammar) is not None],
+                                                      pin_memory=self.device.type == "cuda")
+        metadata.token_bitmask = bitmask.to(self.device, non_blocking=True)
+        if len(rows) < len(sampled):
+            metadata.bitmask_rows = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def _prepare_inputs(self, states: list[CachedRequestState], num_scheduled: list[int],
                         num_computed: list[int]) -> StepInputs:
