@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -22,6 +22,7 @@ from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.stats import EngineStats
+from engine.structured_output import StructuredOutputManager
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -72,7 +73,8 @@ class EngineCore:
         hf_config = hf_config if hf_config is not None else load_hf_config(files)
         self.config = config
         self.max_model_len = max_model_len = resolve_max_model_len(config, hf_config)
-        self.model_runner = ModelRunner(config, files, hf_config, max_model_len)
+        self.structured_output = StructuredOutputManager(lambda: _vocabulary(files), hf_config.vocab_size)
+        self.model_runner = ModelRunner(config, files, hf_config, max_model_len, self.structured_output)
         self.num_kv_blocks = self.model_runner.num_kv_blocks_from_memory()
         self.model_runner.allocate_kv_cache(self.num_kv_blocks)
         self.model_runner.capture_cudagraphs()
@@ -95,6 +97,10 @@ class EngineCore:
         """Hand a validated request to the scheduler; ValueError (a duplicate id, more KV than exists)
         when it can never run."""
         self.num_added += 1
+        if request.sampling_params.structured_output is not None:
+            # Compiled here, once per spec (cached; InvalidRequestError when it cannot be): the runner's
+            # matchers take it from the cache.
+            self.structured_output.compile(request.sampling_params.structured_output)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: Iterable[str], *, report: bool = True) -> None:
@@ -198,3 +204,11 @@ class EngineCore:
                     return
             outputs = self.step() if self.has_unfinished() else []
             channel.send(EngineCoreOutputs(outputs, self.stats(), self.num_added))
+
+
+def _vocabulary(files: ModelFiles) -> tuple[Any, frozenset[int]]:
+    """The tokenizer and EOS ids a grammar compiles against (loaded on the first structured request)."""
+    from engine.tokenizer import eos_token_ids, load_tokenizer
+
+    tokenizer = load_tokenizer(files.config_dir)
+    return tokenizer, eos_token_ids(files.config_dir, tokenizer)

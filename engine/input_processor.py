@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine import structured_output
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.loader import load_hf_config
@@ -66,6 +67,8 @@ class InputProcessor:
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string")
         params = params if params is not None else SamplingParams()
+        if params.structured_output is not None:
+            structured_output.check(params.structured_output)  # a bad schema fails here, not in a step
         with self.tokenizer_lock:
             token_ids = encode_prompt(self.tokenizer, prompt=prompt, messages=messages,
                                       prompt_token_ids=prompt_token_ids, vocab_size=self.vocab_size)

@@ -3,8 +3,9 @@ regex or a list of choices), compiled by xgrammar once per spec and cached, one 
 that advances with every accepted token, and the token bitmask the sampler applies to the logits.
 
 Who calls what: the input processor checks a spec (`check`, no tokenizer: cheap, in the caller's
-thread); the engine compiles it when the request is added (`StructuredOutputManager.compile`, in the
-step loop, so the tokenizer-dependent work happens once per spec); the model runner owns each
+thread); the engine core compiles it when the request is added (`StructuredOutputManager.compile`, in
+the step loop, so the tokenizer-dependent work happens once per spec; the core loads the vocabulary
+for it on the first grammar only, and otherwise never sees a tokenizer); the model runner owns each
 request's `RequestGrammar`, fills the bitmask of a step's constrained rows and feeds every sampled
 token back. A request that the runner sees again (preempted, or resumed after another worker died)
 gets a fresh matcher that replays its output tokens, so the grammar state always equals the tokens."""
@@ -17,7 +18,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -99,13 +100,13 @@ class RequestGrammar:
 class StructuredOutputManager:
     """Compiles specs against one tokenizer (cached, keyed by the spec) and fills bitmasks.
 
-    Used from the engine's step loop only; the cache lock covers a compile from another thread."""
+    `load_vocabulary` returns (the HF tokenizer, the ids that end generation); it is called on the first
+    compile only. Used from the engine's step loop; the cache lock covers a compile from another thread."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int],
+    def __init__(self, load_vocabulary: Callable[[], tuple[Any, Iterable[int]]], vocab_size: int,
                  max_cached: int = MAX_CACHED_GRAMMARS) -> None:
-        self.tokenizer = tokenizer
+        self._load_vocabulary = load_vocabulary
         self.vocab_size = vocab_size  # the model's (logits width), which may exceed the tokenizer's
-        self.stop_token_ids = sorted(stop_token_ids)
         self.max_cached = max_cached
         self.num_compiled = 0  # cache misses, for tests and logs
         self._cache: OrderedDict[StructuredOutputParams, xgrammar.CompiledGrammar] = OrderedDict()
@@ -122,8 +123,9 @@ class StructuredOutputManager:
         # Built on first use: TokenizerInfo reads the whole vocabulary (a second on a 150k vocab).
         if self._compiler is None:
             xgr = _xgrammar()
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.stop_token_ids or None)
+            tokenizer, stop_token_ids = self._load_vocabulary()
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=sorted(stop_token_ids) or None)
             # Our LRU is the cache (keyed by the spec); xgrammar's own would hold a second copy.
             self._compiler = xgr.GrammarCompiler(info, max_threads=self._num_threads, cache_enabled=False)
         return self._compiler
