@@ -16,6 +16,8 @@ MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32 on the GPU
 MAX_STOP_STRINGS = 64
 MAX_RESULT_TTL_S = 30 * 24 * 3600  # 30 days
 MAX_JOB_ID_LEN = 256
+MAX_CHOICES = 256
+MAX_LABEL_LEN = 256  # Job.user, Job.api_key_id
 JOB_ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"  # safe inside a Redis key and a URL path segment
 DEFAULT_MAX_JOB_BYTES = 1 << 20
 _ID_PARSE_LIMIT_BYTES = 64 << 20  # over this, an over-size payload is not parsed just to find its id
@@ -29,6 +31,34 @@ JobId = Annotated[str, Field(min_length=1, max_length=MAX_JOB_ID_LEN, pattern=JO
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _LENIENT = ConfigDict(extra="ignore")
+
+
+class JsonSchemaSpec(BaseModel):
+    """`response_format.json_schema`, as OpenAI's API spells it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    description: str | None = None
+    # "schema" would shadow BaseModel.schema(): the attribute is schema_, the JSON key "schema".
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # accepted for OpenAI compatibility; the output always follows the schema
+
+
+class ResponseFormat(BaseModel):
+    """`params.response_format`: `text` (no constraint), `json_object` (any JSON object) or
+    `json_schema` (an object that validates against `json_schema.schema`)."""
+
+    model_config = _STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only there")
+        return self
 
 
 class Params(BaseModel):
@@ -50,10 +80,41 @@ class Params(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Structured outputs (at most one): the output follows a JSON schema / is a JSON object, matches
+    # a regex, or is one of the choices.
+    response_format: ResponseFormat | None = None
+    regex: str | None = Field(default=None, min_length=1)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1,
+                                                                      max_length=MAX_CHOICES)
+
+    @model_validator(mode="after")
+    def _one_structured_output(self) -> Params:
+        given = [name for name in ("response_format", "regex", "choice") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of response_format, regex, choice (found: {', '.join(given)})")
+        return self
+
+    def structured_output(self) -> dict[str, str] | None:
+        """The grammar asked for, as engine.StructuredOutputParams fields (kind, spec), or None."""
+        if self.regex is not None:
+            return {"kind": "regex", "spec": self.regex}
+        if self.choice is not None:
+            return {"kind": "choice", "spec": json.dumps(self.choice, ensure_ascii=False)}
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.json_schema is None:
+            return {"kind": "json_object", "spec": ""}
+        # Key order kept: the output lists properties in the schema's order.
+        return {"kind": "json_schema", "spec": json.dumps(fmt.json_schema.schema_, separators=(",", ":"))}
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields that were set, as keyword arguments for engine.SamplingParams."""
-        return self.model_dump(exclude_none=True)
+        kwargs = self.model_dump(exclude_none=True, exclude={"response_format", "regex", "choice"})
+        structured_output = self.structured_output()
+        if structured_output is not None:
+            kwargs["structured_output"] = structured_output
+        return kwargs
 
 
 class Message(BaseModel):
@@ -78,6 +139,9 @@ class Job(BaseModel):
     priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)  # lower runs first
     deadline_ms: int | None = Field(default=None, ge=0, le=2**63 - 1)  # epoch milliseconds
     result_ttl_s: int | None = Field(default=None, ge=1, le=MAX_RESULT_TTL_S)
+    # Who sent it, for accounting and logs; the worker does not act on them.
+    user: str | None = Field(default=None, max_length=MAX_LABEL_LEN)  # the end user (OpenAI's `user`)
+    api_key_id: str | None = Field(default=None, max_length=MAX_LABEL_LEN)  # the gateway key's name, never the key
 
     @model_validator(mode="after")
     def _exactly_one_prompt(self) -> Job:
@@ -89,7 +153,7 @@ class Job(BaseModel):
 
     def to_json(self) -> str:
         """The wire form: unset optional fields left out."""
-        return self.model_dump_json(exclude_none=True)
+        return self.model_dump_json(exclude_none=True, by_alias=True)
 
 
 class JobError(ValueError):

@@ -198,6 +198,52 @@ def test_event_parsing_tolerates_new_fields_but_not_bad_ones() -> None:
             parse_event(bad)
 
 
+SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum": ["x", "y"]}},
+          "required": ["b", "a"]}
+
+
+@pytest.mark.parametrize(("params", "expected"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}},
+     {"kind": "json_schema", "spec": json.dumps(SCHEMA, separators=(",", ":"))}),
+    ({"response_format": {"type": "json_object"}}, {"kind": "json_object", "spec": ""}),
+    ({"response_format": {"type": "text"}}, None),
+    ({"regex": "[a-z]+"}, {"kind": "regex", "spec": "[a-z]+"}),
+    ({"choice": ["yes", "ça"]}, {"kind": "choice", "spec": '["yes", "ça"]'}),
+])
+def test_structured_output_params_become_one_engine_grammar(params: dict, expected: dict | None) -> None:
+    job = parse_job(_job(params=params))
+    kwargs = job.params.sampling_kwargs()
+    assert kwargs.get("structured_output") == expected
+    assert not {"response_format", "regex", "choice"} & set(kwargs)
+    assert parse_job(job.to_json()) == job  # the wire form round-trips (the "schema" key included)
+    # The schema's key order survives: the output lists properties in that order.
+    if expected is not None and expected["kind"] == "json_schema":
+        assert list(json.loads(expected["spec"])["properties"]) == ["b", "a"]
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"regex": "a+", "choice": ["a"]}, "at most one of response_format, regex, choice"),
+    ({"response_format": {"type": "json_object"}, "regex": "a"}, "at most one of"),
+    ({"response_format": {"type": "json_schema"}}, "json_schema is required with type json_schema"),
+    ({"response_format": {"type": "json_object", "json_schema": {"schema": {}}}}, "only there"),
+    ({"response_format": {"type": "xml"}}, "params.response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "extra": 1}}}, "extra"),
+    ({"choice": []}, "params.choice"),
+    ({"choice": ["a", ""]}, "params.choice.1"),
+    ({"regex": ""}, "params.regex"),
+])
+def test_bad_structured_output_params_name_the_field(params: dict, message: str) -> None:
+    error = _error(_job(params=params))
+    assert error.code == "invalid_request" and message in error.message, error.message
+
+
+def test_a_job_records_its_user_and_api_key_name() -> None:
+    job = parse_job(_job(user="u-42", api_key_id="team-a"))
+    assert (job.user, job.api_key_id) == ("u-42", "team-a")
+    assert _error(_job(user="u" * 300)).message.startswith("user:")
+
+
 def test_import_api_client_leaves_torch_out() -> None:
     code = "import sys, api_client, api_client.__main__; print('torch' in sys.modules, 'engine' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

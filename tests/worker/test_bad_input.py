@@ -47,6 +47,14 @@ BAD_JOBS: list[tuple[str | None, bytes, str]] = [
     ("too-long", json.dumps({"id": "too-long", "prompt_token_ids": [5] * 300}).encode(), "too_long"),
     ("too-big", json.dumps({"id": "too-big", "prompt": "x" * (MAX_JOB_BYTES + 10)}).encode(), "too_long"),
     ("not-utf8", b'{"id": "not-utf8", "prompt": "caf\xe9"}', "invalid_request"),
+    # Structured outputs: a schema or regex xgrammar cannot compile, and two grammars at once.
+    ("bad-schema", json.dumps({"id": "bad-schema", "prompt": "a", "params": {"response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}}).encode(),
+     "invalid_request"),
+    ("bad-regex", json.dumps({"id": "bad-regex", "prompt": "a", "params": {"regex": "(ab"}}).encode(),
+     "invalid_request"),
+    ("two-grammars", json.dumps({"id": "two-grammars", "prompt": "a",
+                                 "params": {"regex": "a+", "choice": ["b"]}}).encode(), "invalid_request"),
 ]
 
 
