@@ -63,6 +63,12 @@ class Keys:
         return f"{self.prefix}:worker:{consumer}"
 
     @property
+    def heartbeats(self) -> str:
+        """Sorted set: each live worker's consumer name, scored by its heartbeat's expiry (epoch ms), so
+        a reader (the gateway) finds the live workers without scanning the keyspace."""
+        return f"{self.prefix}:heartbeats"
+
+    @property
     def heartbeat_pattern(self) -> str:
         """SCAN/KEYS pattern matching every worker's heartbeat key."""
         return f"{self.prefix}:worker:*"
