@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from pydantic import ValidationError
+
+GRACEFUL_SHUTDOWN_S = 30  # on SIGTERM, open streams get this long to finish
 
 
 def settings_help() -> str:
@@ -41,8 +44,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from api_client.gateway.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
-                log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Streams still open when the grace period ends are cut, not cancelled: their jobs run
+            # on and their results stay readable from Redis.
+            app.state.gateway.is_stopping = True
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port,
+                            log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    Server(config).run()
     return 0
 
 

@@ -22,7 +22,7 @@ from engine.structured_output import StructuredOutputManager, check
 SCHEMA = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 6},
+        "name": {"type": "string", "pattern": "^[a-z]{1,6}$"},  # maxLength would admit control characters
         "kind": {"enum": ["cat", "dog", "fox"]},
         "owner": {"type": "object",
                   "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 99},

@@ -34,8 +34,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model the gateway tests talk to: a tiny random checkpoint with a chat template."""
+    """The model the gateway tests talk to. Until the embedded chat model (issue 10) is on main: a tiny
+    random checkpoint with a chat template; `is_trained_model` says which one the tests got."""
     return make_tiny_model("qwen3", tmp_path_factory.mktemp("gateway_model") / "qwen3")
+
+
+@pytest.fixture(scope="module")
+def is_trained_model() -> bool:
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,8 @@ def gateway_worker(gateway_redis: RedisServer, chat_model_dir: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
     log = tmp_path_factory.mktemp("gateway_worker") / "worker.log"
     proc = spawn_worker(gateway_redis.url, chat_model_dir, log_path=log, consumer="gw-worker",
-                        max_model_len=512, cancel_check_ms=20)
+                        max_model_len=512, cancel_check_ms=20,
+                        max_num_seqs=24, num_kv_blocks=512)
     client: Any = gateway_redis.client()
     deadline = time.monotonic() + START_TIMEOUT_S
     while not client.exists(f"{PREFIX}:worker:gw-worker"):
