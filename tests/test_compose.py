@@ -114,6 +114,24 @@ def test_worker_environment_is_valid_worker_settings(compose: dict[str, Any], na
     WorkerSettings(**known)  # raises on a value the worker would refuse at startup
 
 
+def test_gateway_service_publishes_loopback_only_and_its_settings_are_valid(compose: dict[str, Any]) -> None:
+    from api_client.gateway.settings import GatewaySettings
+
+    gateway = compose["services"]["gateway"]
+    assert not _profiles(gateway) and gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert gateway["build"]["dockerfile"] == "Dockerfile.gateway"
+    assert gateway["ports"] == ["127.0.0.1:8000:8000"]  # opened unauthenticated, so never beyond the host
+    env = _env(gateway)
+    settings = {k.removeprefix("TOKENRELAY_").lower(): v for k, v in env.items() if k.startswith("TOKENRELAY_")}
+    assert set(settings) <= set(GatewaySettings.model_fields), sorted(set(settings) - set(GatewaySettings.model_fields))
+    parsed = GatewaySettings(**settings)  # raises on a value the gateway would refuse at startup
+    assert parsed.gateway_port == 8000 and parsed.gateway_host == "0.0.0.0"
+    assert "/health" in " ".join(gateway["healthcheck"]["test"])
+    text = (ROOT / "Dockerfile.gateway").read_text()
+    assert '".[gateway]"' in text and "TORCH_SPEC" not in text and ".[worker]" not in text  # no torch
+    assert 'CMD ["python", "-m", "api_client.gateway"]' in text
+
+
 def test_dockerfile_installs_the_worker_extra_and_runs_unprivileged() -> None:
     text = (ROOT / "Dockerfile").read_text()
     instructions = [line.split(None, 1) for line in text.splitlines() if line and not line.startswith((" ", "#"))]
