@@ -1,6 +1,8 @@
-"""Generate the reference of every TOKENRELAY_* setting from worker.settings.WorkerSettings.
+"""Generate the reference of every TOKENRELAY_* setting from worker.settings.WorkerSettings and
+api_client.gateway.settings.GatewaySettings.
 
-Writes docs/configuration.md and the tables between the config-table markers in README.md;
+Writes docs/configuration.md and the tables between the config-table markers (worker) and the
+gateway-config-table markers (gateway) in README.md;
 `--check` writes nothing and exits 1 when either file is stale (tests/test_docs.py runs the same check)."""
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from annotated_types import Ge, Gt, Le, Lt  # noqa: E402  (after the sys.path fi
 from pydantic.fields import FieldInfo  # noqa: E402
 from pydantic_settings import BaseSettings  # noqa: E402
 
+from api_client.gateway.settings import GatewaySettings  # noqa: E402
 from worker.settings import ENV_PREFIX, WorkerSettings  # noqa: E402
 
 README = REPO_ROOT / "README.md"
 CONFIG_PAGE = REPO_ROOT / "docs" / "configuration.md"
 START_MARKER = "<!-- config-table:start -->"
 END_MARKER = "<!-- config-table:end -->"
+GATEWAY_START_MARKER = "<!-- gateway-config-table:start -->"
+GATEWAY_END_MARKER = "<!-- gateway-config-table:end -->"
 # Section comments in the settings class, e.g. `# ---- Redis ------`: they group the tables.
 _SECTION_RE = re.compile(r"^\s*#\s*-{2,}\s*(?P<title>.+?)\s*-{2,}\s*$")
 _FIELD_RE = re.compile(r"^\s+(?P<name>[a-z_][a-z0-9_]*)\s*:")
@@ -143,25 +148,38 @@ Notes:
   `CONSUMER` name.
 - "unset" means the variable is absent; the description says what happens then.
 
-{render_tables(settings_cls, heading_level=2)}"""
+{render_tables(settings_cls, heading_level=2)}
+# Configuration of `python -m api_client.gateway`
+
+The OpenAI-compatible gateway reads the same way (`python -m api_client.gateway --help`). `REDIS_URL`
+and `PREFIX` must name the workers' queue; its own settings start with `GATEWAY_`, so one `.env` can
+hold both. An invalid value stops it with exit code 2.
+
+{render_tables(GatewaySettings, heading_level=2)}"""
 
 
-def splice(readme: str, tables: str) -> str:
-    """`readme` with the text between the config-table markers replaced by `tables`."""
-    start, end = readme.find(START_MARKER), readme.find(END_MARKER)
-    if start < 0 or end < 0 or end < start or readme.count(START_MARKER) != 1 or readme.count(END_MARKER) != 1:
-        raise ValueError(f"README.md must hold exactly one {START_MARKER} followed by one {END_MARKER}; "
+def splice(readme: str, tables: str, start_marker: str = START_MARKER, end_marker: str = END_MARKER) -> str:
+    """`readme` with the text between the markers (the worker's config-table ones by default)
+    replaced by `tables`."""
+    start, end = readme.find(start_marker), readme.find(end_marker)
+    if start < 0 or end < 0 or end < start or readme.count(start_marker) != 1 or readme.count(end_marker) != 1:
+        raise ValueError(f"README.md must hold exactly one {start_marker} followed by one {end_marker}; "
                          "put them where the configuration table belongs")
-    head = readme[:start + len(START_MARKER)]
+    head = readme[:start + len(start_marker)]
     return f"{head}\n{tables}{readme[end:]}"
+
+
+def render_readme(readme: str) -> str:
+    """README.md with both generated tables current."""
+    readme = splice(readme, render_tables())
+    return splice(readme, render_tables(GatewaySettings, heading_level=4), GATEWAY_START_MARKER, GATEWAY_END_MARKER)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file is stale")
     args = parser.parse_args(argv)
-    wanted = {README: splice(README.read_text(encoding="utf-8"), render_tables()),
-              CONFIG_PAGE: render_page()}
+    wanted = {README: render_readme(README.read_text(encoding="utf-8")), CONFIG_PAGE: render_page()}
     stale = [path for path, text in wanted.items()
              if not path.exists() or path.read_text(encoding="utf-8") != text]
     if args.check:

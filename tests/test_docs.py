@@ -20,8 +20,19 @@ import pytest
 from pydantic import Field
 
 from api_client import parse_event
+from api_client.gateway.settings import GatewaySettings
 from engine.config import EngineConfig
-from scripts.gen_config_docs import CONFIG_PAGE, END_MARKER, START_MARKER, render_page, render_tables, splice
+from scripts.gen_config_docs import (
+    CONFIG_PAGE,
+    END_MARKER,
+    GATEWAY_END_MARKER,
+    GATEWAY_START_MARKER,
+    START_MARKER,
+    render_page,
+    render_readme,
+    render_tables,
+    splice,
+)
 from worker.settings import ENV_PREFIX, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +61,7 @@ def table_rows(text: str) -> list[list[str]]:
 
 # ---- the generated configuration tables ----------------------------------------------------------
 def test_readme_config_table_is_current() -> None:
-    assert splice(README, render_tables()) == README, (
+    assert render_readme(README) == README, (
         "README.md's configuration table is stale: run python scripts/gen_config_docs.py")
 
 
@@ -82,6 +93,13 @@ def test_the_readme_table_lists_every_setting_with_its_default() -> None:
             assert default_cell == "unset", f"{name}: {default_cell!r}"
 
 
+def test_the_gateway_table_lists_every_gateway_setting() -> None:
+    block = README[README.index(GATEWAY_START_MARKER):README.index(GATEWAY_END_MARKER)]
+    rows = {row[0].strip("`"): row for row in table_rows(block)}
+    assert set(rows) == {f"{ENV_PREFIX}{name.upper()}" for name in GatewaySettings.model_fields}
+    assert "python -m api_client.gateway" in CONFIG_PAGE.read_text(encoding="utf-8")
+
+
 def test_splice_needs_exactly_one_pair_of_markers() -> None:
     for broken in ("no markers at all", f"{END_MARKER}\n{START_MARKER}",
                    f"{START_MARKER}\n{END_MARKER}\n{START_MARKER}\n{END_MARKER}"):
@@ -110,10 +128,11 @@ def test_the_engine_table_lists_every_engine_config_field() -> None:
 
 
 def test_every_metric_is_documented_and_every_documented_metric_exists() -> None:
+    from api_client.gateway.metrics import GatewayMetrics
     from worker.metrics import Metrics
 
     exported = {family.name + ("_total" if family.type == "counter" else "")
-                for family in Metrics().registry.collect()}
+                for registry in (Metrics().registry, GatewayMetrics().registry) for family in registry.collect()}
     documented = set(re.findall(r"^\s*\| `(tokenrelay_\w+)` \|", README, re.M))
     assert exported == documented
 

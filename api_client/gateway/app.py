@@ -138,7 +138,7 @@ class Gateway:
                 prompt_tokens = sum(choices[p * body.n].prompt_tokens for p in range(num_prompts))
                 self.metrics.completion_tokens.inc(sum(len(c.token_ids) for c in choices))
                 return JSONResponse(builder.body(choices, prompt_tokens), headers=headers)
-            _raise_first_error(first)
+            _raise_first_error(first, self.settings.gateway_retry_after_s)
             streaming = True
             return StreamingResponse(
                 self._stream(reader, choices, first, builder, body.include_usage, body.n, num_prompts, started),
@@ -192,7 +192,7 @@ class Gateway:
         while True:
             for index, event in events:
                 if isinstance(event, ErrorEvent):
-                    raise _job_error(event)
+                    raise _job_error(event, self.settings.gateway_retry_after_s)
                 if isinstance(event, TokenEvent):
                     choices[index].add_tokens(event)
                 else:
@@ -213,7 +213,7 @@ class Gateway:
                     choice = choices[index]
                     if isinstance(event, ErrorEvent):
                         self._cancel_later(reader.open_job_ids)
-                        error = _job_error(event)
+                        error = _job_error(event, self.settings.gateway_retry_after_s)
                         yield sse(error.body)
                         yield SSE_DONE
                         return
@@ -288,19 +288,19 @@ async def _disconnected(request: Request) -> None:
 _JOB_ERROR_STATUS = {"invalid_request": 400, "too_long": 400, "expired": 503, "overloaded": 503, "internal": 500}
 
 
-def _job_error(event: ErrorEvent) -> OpenAIError:
+def _job_error(event: ErrorEvent, retry_after_s: int) -> OpenAIError:
     status = _JOB_ERROR_STATUS.get(event.code, 500)
     code = "context_length_exceeded" if event.code == "too_long" else event.code
     return OpenAIError(status, event.message or event.code, type="invalid_request_error" if status == 400
                        else "server_error", param=_param_of(event.message), code=code,
-                       headers={"retry-after": "5"} if status == 503 else None)
+                       headers={"retry-after": str(retry_after_s)} if status == 503 else None)
 
 
-def _raise_first_error(events: list[tuple[int, Event]]) -> None:
+def _raise_first_error(events: list[tuple[int, Event]], retry_after_s: int) -> None:
     """A job that fails before its first token fails the request with an HTTP status, not a stream."""
     for _, event in events:
         if isinstance(event, ErrorEvent):
-            raise _job_error(event)
+            raise _job_error(event, retry_after_s)
 
 
 def create_app(settings: GatewaySettings | None = None, *, redis: Redis | None = None) -> FastAPI:
