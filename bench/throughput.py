@@ -8,6 +8,7 @@ and bf16 matmul rate measured in the same run.
     python -m bench.throughput --kv-cache-dtype auto,fp8         # one row per KV cache dtype
     python -m bench.throughput --configs auto,auto:split=512,fp8 --repeats 3 --baselines 0
     python -m bench.throughput --quick                           # small smoke run (CPU or GPU)
+    python -m bench.throughput --constrained-fraction 0.1 --baselines 0   # 10% of requests JSON-constrained
 
 A config is `KV[:switch=value]...`: KV is auto or fp8; switches: split=N (decode partitions of at most N
 tokens, TOKENRELAY_DECODE_MAX_PARTITION_TOKENS), causal=1 (prefill causal split,
@@ -192,6 +193,9 @@ def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace, conf
         async_scheduling=config.async_scheduling, kv_cache_dtype=config.kv_cache_dtype))  # type: ignore[arg-type]
     params = [SamplingParams(max_tokens=n, temperature=args.temperature, ignore_eos=True)
               for n in workload.output_lens]
+    for i in _constrained_rows(len(params), args.constrained_fraction):
+        params[i] = SamplingParams(max_tokens=params[i].max_tokens, temperature=args.temperature,
+                                   structured_output=_array_schema(params[i].max_tokens))
     # Warm-up: a few requests through every path (prefill, decode, CUDA graph capture).
     engine.generate(workload.prompts[:4], [SamplingParams(max_tokens=16, ignore_eos=True)] * 4)
     walls: list[float] = []
@@ -203,10 +207,11 @@ def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace, conf
         _sync(args.device)
         walls.append(time.perf_counter() - t0)
         num_out = sum(len(o.token_ids) for o in outs)
-        if num_out != workload.num_output_tokens:
+        if num_out != workload.num_output_tokens and not args.constrained_fraction:
             raise RuntimeError(f"engine produced {num_out} tokens, expected {workload.num_output_tokens}")
     stats = engine.stats()
-    tok_s = [workload.num_output_tokens / w for w in walls]
+    # A constrained request ends where its grammar does (about its workload length): count what came.
+    tok_s = [num_out / w for w in walls]
     result = dict(config=config.label, kv_cache_dtype=config.kv_cache_dtype, switches=config.env,
                   async_scheduling=config.async_scheduling, wall_s=statistics.median(walls), walls_s=walls,
                   tok_s=statistics.median(tok_s), tok_s_min=min(tok_s), tok_s_max=max(tok_s),
@@ -218,6 +223,40 @@ def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace, conf
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return result
+
+
+def _constrained_rows(num_requests: int, fraction: float) -> list[int]:
+    """Rows spread evenly over the workload (every 1/fraction-th request)."""
+    num = round(num_requests * fraction)
+    return sorted({int(k * num_requests / num) for k in range(num)}) if num else []
+
+
+def _array_schema(max_tokens: int) -> Any:
+    """A JSON array of exactly max_tokens // 2 digits (about max_tokens tokens: a digit and a separator
+    each), so a constrained request's length stays close to its unconstrained one."""
+    from engine import StructuredOutputParams
+
+    num_items = max(1, max_tokens // 2)
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+              "minItems": num_items, "maxItems": num_items}
+    return StructuredOutputParams("json_schema", json.dumps(schema))
+
+
+def _json_capable_tokenizer(model_dir: Path, vocab_size: int) -> None:
+    """The benchmark checkpoint's word-level vocabulary ("t0".."tN") can spell no JSON: give ids 2..15
+    the pieces of a digit array, so a grammar has tokens to allow. (The mask costs less than with a
+    real 150k-token vocabulary, where more tokens need checking: a lower bound on the host's part.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["[", "]", ",", " ", ", ", *map(str, range(10))]
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    for i, piece in enumerate(pieces, start=2):
+        del vocab[f"t{i}"]
+        vocab[piece] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1").save_pretrained(model_dir)
 
 
 def _hf_model(model_dir: Path, device: str) -> Any:
@@ -322,6 +361,8 @@ def main() -> None:
                         help="both: each KV dtype twice, without then with (config label KV:async=off)")
     parser.add_argument("--write-workload-json", default=None,
                         help='write {"prompts", "output_lens"} here (vllm_offline.py --workload-json)')
+    parser.add_argument("--constrained-fraction", type=float, default=0.0,
+                        help="share of requests with a JSON-schema grammar (structured outputs), e.g. 0.1 or 1")
     parser.add_argument("--json", default=None, help="write the results here (default: $OUT or bench/out)")
     args = parser.parse_args()
 
@@ -355,6 +396,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_checkpoint(args.model, Path(tmp) / "model", device=args.device,
                                     dtype="bfloat16" if args.device.startswith("cuda") else "float32")
+        if args.constrained_fraction:
+            _json_capable_tokenizer(model_dir, int(shape["vocab_size"]))  # type: ignore[call-overload]
+            results["constrained_fraction"] = args.constrained_fraction
         weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         for kv in sorted({c.kv_cache_dtype for c in configs}):
             roof = rooflines(workload, shape, weight_bytes, bandwidth, matmul, kv)
