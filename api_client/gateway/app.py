@@ -108,7 +108,6 @@ class Gateway:
     async def complete(self, request: Request, body: _CommonRequest, kind: Kind, key_name: str | None) -> Response:
         started = time.monotonic()
         try:
-            assert isinstance(body, ChatCompletionRequest | CompletionRequest)
             base_id, jobs = body.jobs(self.settings.gateway_default_max_tokens, key_name)
         except ValidationError as exc:
             message = validation_message(exc)
@@ -122,7 +121,7 @@ class Gateway:
         job_ids = [job.id for job in jobs if job.id is not None]
         await self.relay.submit(jobs)
         logger.info("request=%s kind=%s jobs=%d stream=%s key=%s", base_id, kind, len(jobs), body.stream, key_name)
-        num_logprobs = body._num_logprobs()
+        num_logprobs = body.num_logprobs()
         builder = ResponseBuilder(kind, base_id, body.model, num_logprobs)
         reader = self.relay.reader(job_ids)
         choices = [Choice(i) for i in range(len(jobs))]

@@ -55,7 +55,11 @@ class Relay:
     async def _read_state(self) -> LiveState:
         now_ms = int(time.time() * 1000)
         consumers: list[Any] = await self.redis.zrangebyscore(self.keys.heartbeats, now_ms, "+inf")
-        values: list[Any] = await self.redis.mget([self.keys.heartbeat(as_str(c)) for c in consumers]) if consumers else []
+        keys = [self.keys.heartbeat(as_str(c)) for c in consumers]
+        if not keys:
+            # Workers whose ACL cannot keep the set still beat: scan for them (a rare, idle case).
+            keys = [as_str(k) async for k in self.redis.scan_iter(match=self.keys.heartbeat_pattern, count=1000)]
+        values: list[Any] = await self.redis.mget(keys) if keys else []
         models: set[str] = set()
         num_workers = 0
         has_unnamed = False

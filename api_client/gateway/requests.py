@@ -77,8 +77,12 @@ class _CommonRequest(BaseModel):
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def _num_logprobs(self) -> int | None:
+    def num_logprobs(self) -> int | None:
         return None
+
+    def jobs(self, default_max_tokens: int | None, api_key_id: str | None) -> tuple[str, list[Job]]:
+        """The response id and one job per choice (ValueError / ValidationError: a 400)."""
+        raise NotImplementedError
 
     def params(self, default_max_tokens: int | None) -> dict[str, Any]:
         """The job params shared by every choice (the seed is set per choice)."""
@@ -90,7 +94,7 @@ class _CommonRequest(BaseModel):
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
             "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
             "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos, "regex": self.regex,
-            "choice": self.choice, "logprobs": self._num_logprobs(),
+            "choice": self.choice, "logprobs": self.num_logprobs(),
         }
         if self.response_format is not None and self.response_format.type != "text":
             params["response_format"] = self.response_format.model_dump(exclude_none=True, by_alias=True)
@@ -125,7 +129,7 @@ class ChatCompletionRequest(_CommonRequest):
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def _num_logprobs(self) -> int | None:
+    def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def jobs(self, default_max_tokens: int | None, api_key_id: str | None) -> tuple[str, list[Job]]:
@@ -138,7 +142,7 @@ class CompletionRequest(_CommonRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    def _num_logprobs(self) -> int | None:
+    def num_logprobs(self) -> int | None:
         return self.logprobs
 
     def prompts(self) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """Fixtures for the gateway tests: one real redis-server, one real worker subprocess and real gateways
-(`python -m api_client.gateway` under uvicorn on free loopback ports) per module, and the official
+(`python -m api_client.gateway` under uvicorn on free loopback ports) per session, and the official
 `openai` client pointed at them."""
 
 from __future__ import annotations
@@ -32,24 +32,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The model the gateway tests talk to. Until the embedded chat model (issue 10) is on main: a tiny
     random checkpoint with a chat template; `is_trained_model` says which one the tests got."""
     return make_tiny_model("qwen3", tmp_path_factory.mktemp("gateway_model") / "qwen3")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def is_trained_model() -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served_model_name(chat_model_dir: Path) -> str:
     return chat_model_dir.name
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(chat_model_dir: Path) -> Callable[[str, dict[str, Any]], tuple[list[int], str]]:
     """LLMEngine.generate on one prompt: (token_ids, text), what the worker must produce greedily."""
     from engine import EngineConfig, SamplingParams
@@ -65,13 +65,13 @@ def reference(chat_model_dir: Path) -> Callable[[str, dict[str, Any]], tuple[lis
     return generate
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gateway_redis() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gateway_worker(gateway_redis: RedisServer, chat_model_dir: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
     log = tmp_path_factory.mktemp("gateway_worker") / "worker.log"
@@ -139,7 +139,7 @@ class Gateway:
         self._log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def start_gateway(gateway_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[Callable[..., Gateway]]:
     gateways: list[Gateway] = []
@@ -156,12 +156,12 @@ def start_gateway(gateway_redis: RedisServer, tmp_path_factory: pytest.TempPathF
         gateway.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gateway(gateway_worker: subprocess.Popen[bytes], start_gateway: Callable[..., Gateway]) -> Gateway:
     return start_gateway(gateway_api_keys=API_KEYS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def openai_client(gateway: Gateway) -> Any:
     import openai
 

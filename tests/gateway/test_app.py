@@ -62,6 +62,22 @@ def test_health_and_metrics(redis_server: RedisServer) -> None:
         assert response.status_code == 503 and response.json()["redis"] is False
 
 
+def test_live_workers_come_from_the_set_or_from_a_scan(redis_server: RedisServer) -> None:
+    import json
+    import time
+
+    from api_client.keys import Keys
+
+    keys, r = Keys("apptest"), redis_server.client()
+    r.set(keys.heartbeat("old-acl"), json.dumps({"model": "m1"}), px=60_000)  # beats, cannot keep the set
+    with _client(redis_server) as client:
+        assert client.get("/health").json()["models"] == ["m1"]
+    r.set(keys.heartbeat("new"), json.dumps({"model": "m2"}), px=60_000)
+    r.zadd(keys.heartbeats, {"new": int(time.time() * 1000) + 60_000, "gone": int(time.time() * 1000) - 1})
+    with _client(redis_server) as client:  # the set wins when it has live names
+        assert client.get("/health").json()["models"] == ["m2"]
+
+
 def test_importing_the_gateway_leaves_torch_out() -> None:
     code = ("import sys, api_client.gateway, api_client.gateway.__main__, api_client.gateway.app; "
             "print('torch' in sys.modules, 'engine' in sys.modules, 'worker' in sys.modules)")

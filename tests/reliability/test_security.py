@@ -28,7 +28,7 @@ PASSWORD = "s3cret-Pw_for-relay"
 # string/key commands; nothing @dangerous (FLUSHALL, CONFIG, KEYS, DEBUG, ...).
 WORKER_ACL = ("on >{password} ~{prefix}:* resetchannels -@all +@stream +evalsha +eval +script|load "
               "+script|exists +get +set +del +mget +exists +expire +pexpire +ttl +pttl +scan +ping +hello "
-              "+auth +select")
+              "+auth +select +zadd +zrem +zremrangebyscore")
 SOURCE_DIRS = ("engine", "kernels", "worker", "api_client", "bench")
 
 
