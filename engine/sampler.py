@@ -184,8 +184,19 @@ def random_uniforms(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: in
     row_key = _mix32(seed_lo ^ _mix32(seed_hi ^ _mix32(positions & _MASK32) ^ 0x3C6EF372))  # [N]
     vocab_key = _mix32(torch.arange(vocab_size, dtype=torch.int64, device=seeds.device) ^ 0x1B873593)
     bits = _mix32(row_key[:, None] ^ vocab_key[None, :])  # [N, V] in [0, 2^32)
-    # 24 bits: exactly representable in float32, and +0.5 keeps u strictly inside (0, 1).
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return bits_to_uniforms(bits)
+
+
+# The largest float32 below 1. (2^24 - 1 + 0.5) / 2^24 rounds to exactly 1.0 in float32, and a u of 1
+# makes the Gumbel noise -log(-log(u)) infinite: that token would win whatever its logit (-inf, a
+# masked token, included: -inf + inf is NaN, which argmax picks). One draw in 2^24 per vocab entry,
+# about 1% of the steps at a 150k vocab.
+_BELOW_ONE = 1.0 - 2.0**-24
+
+
+def bits_to_uniforms(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> uniforms strictly inside (0, 1), float32: the top 24 bits, centred in their bin."""
+    return (((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp_(max=_BELOW_ONE)
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from engine.sampler import SamplingMetadata, apply_penalties, random_uniforms, sample
+from engine.sampler import SamplingMetadata, apply_penalties, bits_to_uniforms, random_uniforms, sample
 from engine.sampling_params import SamplingParams
 
 VOCAB = 50
@@ -62,6 +62,16 @@ def test_large_seeds_stay_in_range() -> None:
     assert bool(((u > 0) & (u < 1)).all())
     assert abs(u.mean().item() - 0.5) < 0.03
     assert not torch.equal(u[0], u[2])
+
+
+def test_the_top_hash_is_no_certain_win() -> None:
+    """(2^24 - 1 + 0.5) / 2^24 rounds to 1.0 in float32; a u of 1 gives infinite Gumbel noise, and that
+    token would win over every logit, a masked (-inf) one too (-inf + inf = NaN, argmax's pick)."""
+    u = bits_to_uniforms(torch.tensor([0, 0xFFFFFF00, 0xFFFFFFFF], dtype=torch.int64))
+    assert bool(((u > 0) & (u < 1)).all()), u
+    logits = torch.tensor([[5.0, float("-inf"), float("-inf")]])  # only token 0 allowed
+    gumbel = -torch.log(-torch.log(u))
+    assert torch.isfinite(gumbel).all() and (logits + gumbel[None, :]).argmax().item() == 0
 
 
 def test_top_k_1_is_greedy() -> None:
