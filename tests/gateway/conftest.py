@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from engine.model_files import EMBEDDED_MODEL
 from tests.helpers.redis_server import RedisServer
-from tests.helpers.tiny_models import make_tiny_model
 from tests.worker.conftest import PREFIX, REPO_ROOT, spawn_worker
 
 API_KEY = "sk-test-team-a"
@@ -33,29 +33,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model the gateway tests talk to. Until the embedded chat model (issue 10) is on main: a tiny
-    random checkpoint with a chat template; `is_trained_model` says which one the tests got."""
-    return make_tiny_model("qwen3", tmp_path_factory.mktemp("gateway_model") / "qwen3")
+def served_model_name() -> str:
+    """The worker serves the embedded real chat model (TOKENRELAY_MODEL unset), under its own name."""
+    return EMBEDDED_MODEL
 
 
 @pytest.fixture(scope="session")
-def is_trained_model() -> bool:
-    return False
-
-
-@pytest.fixture(scope="session")
-def served_model_name(chat_model_dir: Path) -> str:
-    return chat_model_dir.name
-
-
-@pytest.fixture(scope="session")
-def reference(chat_model_dir: Path) -> Callable[[str, dict[str, Any]], tuple[list[int], str]]:
+def reference() -> Callable[[str, dict[str, Any]], tuple[list[int], str]]:
     """LLMEngine.generate on one prompt: (token_ids, text), what the worker must produce greedily."""
     from engine import EngineConfig, SamplingParams
     from engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=str(chat_model_dir), num_kv_blocks=64, max_num_seqs=4,
+    engine = LLMEngine(EngineConfig(model=None, num_kv_blocks=64, max_num_seqs=4,
                                     max_num_batched_tokens=512, max_model_len=512))
 
     def generate(prompt: str, params: dict[str, Any]) -> tuple[list[int], str]:
@@ -72,10 +61,10 @@ def gateway_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def gateway_worker(gateway_redis: RedisServer, chat_model_dir: Path,
+def gateway_worker(gateway_redis: RedisServer,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
     log = tmp_path_factory.mktemp("gateway_worker") / "worker.log"
-    proc = spawn_worker(gateway_redis.url, chat_model_dir, log_path=log, consumer="gw-worker",
+    proc = spawn_worker(gateway_redis.url, None, log_path=log, consumer="gw-worker",
                         max_model_len=512, cancel_check_ms=20,
                         max_num_seqs=24, num_kv_blocks=512)
     client: Any = gateway_redis.client()
@@ -165,4 +154,4 @@ def gateway(gateway_worker: subprocess.Popen[bytes], start_gateway: Callable[...
 def openai_client(gateway: Gateway) -> Any:
     import openai
 
-    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0, timeout=600)

@@ -60,7 +60,8 @@ def test_completions_match_the_engine_and_stream_the_same(openai_client: Any, se
     streamed = list(openai_client.completions.create(model=served_model_name, prompt=prompt, max_tokens=10,
                                                      temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == expected
-    assert streamed[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+    finish = "length" if whole.usage.completion_tokens == 10 else "stop"
+    assert streamed[-1].choices[0].finish_reason == whole.choices[0].finish_reason == finish
 
 
 def test_n_choices_and_seeds_reproduce(openai_client: Any, served_model_name: str) -> None:
@@ -82,10 +83,10 @@ def test_n_choices_and_seeds_reproduce(openai_client: Any, served_model_name: st
 
 def test_stop_strings_cut_the_output(openai_client: Any, served_model_name: str,
                                      reference: Callable[..., tuple[list[int], str]]) -> None:
-    prompt = "Hello world"
+    prompt = "Once upon a time"
     _, full = reference(prompt, {"max_tokens": 16, "temperature": 0.0})
-    stop = full[4:7]
-    assert stop.strip()
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert len(full) > 10 and stop
     out = openai_client.completions.create(model=served_model_name, prompt=prompt, max_tokens=16, temperature=0,
                                            stop=[stop])
     assert out.choices[0].text == full[:full.index(stop)] and out.choices[0].finish_reason == "stop"

@@ -1,6 +1,6 @@
-"""Structured outputs through the OpenAI door: `response_format` json_schema (20 prompts, nested objects,
-enums and arrays, every output validated with jsonschema), json_object, the SDK's `parse` with a
-pydantic model, and tokenrelay's `regex` / `choice`, streamed and not."""
+"""Structured outputs through the OpenAI door, on the embedded real model: `response_format` json_schema
+(20 prompts, nested objects, enums and arrays, every output validated with jsonschema), json_object
+(every output parses), the SDK's `parse` with a pydantic model, and tokenrelay's `regex` / `choice`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from typing import Any, Literal
 import jsonschema
 import pydantic
 
-# Nested objects, enums and arrays. Strings, arrays and numbers are bounded so that even the tiny
-# random model's output ends well inside max_tokens (a trained model needs no such bounds). A pattern,
-# not maxLength, bounds the string: xgrammar's maxLength strings admit raw control characters.
+# Nested objects, enums and arrays; bounded strings, arrays and numbers keep the outputs short. A
+# pattern, not maxLength, bounds the string: xgrammar's maxLength strings admit raw control characters.
 PET_SCHEMA = {
     "type": "object",
     "properties": {
@@ -50,17 +49,16 @@ def test_every_json_schema_output_parses_and_validates(openai_client: Any, serve
     assert len({out.choices[0].message.content for out in outs}) > 1
 
 
-def test_json_object_always_parses(openai_client: Any, served_model_name: str, is_trained_model: bool) -> None:
-    """A trained model closes its object: every output parses. The tiny random model may write one
-    endless string instead: there, every output it ended parses (and some end)."""
+def test_json_object_always_parses(openai_client: Any, served_model_name: str) -> None:
+    cities = ["Paris", "Rome", "Madrid", "Berlin", "Lisbon"]
     with ThreadPoolExecutor(10) as pool:
-        outs = list(pool.map(lambda i: _chat(openai_client, served_model_name, f"Any JSON object, please ({i // 2}).",
-                                             seed=i // 2, temperature=[0.0, 0.7][i % 2], max_tokens=120,
+        outs = list(pool.map(lambda i: _chat(openai_client, served_model_name,
+                                             f'Give the JSON object {{"city": ..., "country": ...}} for {cities[i // 2]}.',
+                                             seed=i, temperature=[0.0, 0.7][i % 2], max_tokens=100,
                                              response_format={"type": "json_object"}), range(10)))
-    stopped = [out.choices[0] for out in outs if out.choices[0].finish_reason == "stop"]
-    assert stopped and (len(stopped) == len(outs) or not is_trained_model)
-    for choice in stopped:
-        assert isinstance(json.loads(choice.message.content), dict)
+    for out in outs:
+        assert out.choices[0].finish_reason == "stop"
+        assert isinstance(json.loads(out.choices[0].message.content), dict)
 
 
 def test_streamed_json_schema_output_validates(openai_client: Any, served_model_name: str) -> None:

@@ -46,3 +46,14 @@ def test_an_acl_without_the_set_commands_still_beats(redis_server: RedisServer) 
     value, members, after = asyncio.run(_beat_and_clear(redis_server.url, username="old", password="pw"))
     assert json.loads(value)["consumer"] == "w1" and members == []
     assert after == (0, 0)
+
+
+def test_the_served_model_name() -> None:
+    from engine.model_files import EMBEDDED_MODEL
+    from worker.settings import WorkerSettings
+
+    assert WorkerSettings().served_model == EMBEDDED_MODEL
+    assert WorkerSettings(model="/models/Qwen3-0.6B/").served_model == "Qwen3-0.6B"
+    assert WorkerSettings(model="Qwen/Qwen3-0.6B").served_model == "Qwen3-0.6B"
+    assert WorkerSettings(model="/m/tiny.Q4_1.gguf").served_model == "tiny.Q4_1"
+    assert WorkerSettings(model="/m/x", served_model_name="prod-chat").served_model == "prod-chat"
