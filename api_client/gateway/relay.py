@@ -16,8 +16,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from api_client.async_client import AsyncClient
 from api_client.client import CANCEL_TTL_S, as_str, event_from_fields
-from api_client.keys import JOB_FIELD, Keys
+from api_client.keys import Keys
 from api_client.schema import DoneEvent, ErrorEvent, Job, TokenEvent
 
 logger = logging.getLogger("tokenrelay.gateway")
@@ -43,6 +44,7 @@ class Relay:
         self.redis = redis
         self.keys = keys
         self._state: LiveState | None = None
+        self._client = AsyncClient(redis=redis, prefix=keys.prefix)  # borrows the connection
 
     async def live_state(self, *, fresh: bool = False) -> LiveState:
         """The live workers and the queue depth, read at most every LIVE_STATE_TTL_S; `fresh` reads
@@ -90,10 +92,9 @@ class Relay:
         return int(lag) if lag is not None else 0
 
     async def submit(self, jobs: Sequence[Job]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.xadd(self.keys.jobs, {JOB_FIELD: job.to_json()})
-            await pipe.execute()
+        """Enqueue as the Python client does (with each job's marker), so Client.status knows them."""
+        for job in jobs:
+            await self._client.submit_job(job)
 
     async def cancel(self, job_ids: Sequence[str]) -> None:
         if not job_ids:
