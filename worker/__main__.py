@@ -114,7 +114,8 @@ def _claim_consumer_name_early(settings: WorkerSettings, incarnation: str) -> bo
                                 socket_connect_timeout=min(EARLY_CLAIM_CONNECT_TIMEOUT_S, settings.socket_timeout_s))
         try:
             await health.claim(client, settings.keys, settings.consumer, incarnation, settings.heartbeat_ttl_s,
-                               health.heartbeat_value(settings.consumer, incarnation, 0, None))
+                               health.heartbeat_value(settings.consumer, incarnation, 0, None,
+                                                      model=settings.served_model))
         finally:
             await client.aclose()
 

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from api_client import Client, JobFailed
 from engine.model_files import EMBEDDED_MODEL
 from tests.helpers.redis_server import RedisServer
 from tests.worker.conftest import PREFIX, REPO_ROOT, spawn_worker
@@ -67,12 +68,12 @@ def gateway_worker(gateway_redis: RedisServer,
     proc = spawn_worker(gateway_redis.url, None, log_path=log, consumer="gw-worker",
                         max_model_len=512, cancel_check_ms=20,
                         max_num_seqs=24, num_kv_blocks=512)
-    client: Any = gateway_redis.client()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not client.exists(f"{PREFIX}:worker:gw-worker"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"the worker did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
+    # Serving, not just claimed (the heartbeat is there while the model loads): one job through it.
+    with Client(gateway_redis.url, prefix=PREFIX) as client:
+        try:
+            client.result(client.submit("Hi", max_tokens=1), timeout=START_TIMEOUT_S)
+        except (TimeoutError, JobFailed) as exc:
+            raise AssertionError(f"the worker did not start ({exc!r}):\n{log.read_text()[-3000:]}") from None
     yield proc
     proc.send_signal(signal.SIGTERM)
     try:
