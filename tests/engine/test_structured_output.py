@@ -86,7 +86,8 @@ def test_the_engine_rejects_a_bad_schema_and_keeps_serving(engine: LLMEngine) ->
 
 
 def test_a_spec_compiles_once_and_the_cache_is_bounded(engine: LLMEngine) -> None:
-    manager = StructuredOutputManager(engine.tokenizer, engine.vocab_size, engine.eos_token_ids, max_cached=2)
+    manager = StructuredOutputManager(lambda: (engine.tokenizer, engine.eos_token_ids), engine.vocab_size,
+                                      max_cached=2)
     a, b, c = (StructuredOutputParams("regex", p) for p in ("a+", "b+", "c+"))
     first = manager.compile(a)
     assert manager.compile(StructuredOutputParams("regex", "a+")) is first and manager.num_compiled == 1
@@ -100,7 +101,7 @@ def test_a_spec_compiles_once_and_the_cache_is_bounded(engine: LLMEngine) -> Non
 
 
 def test_a_replayed_matcher_masks_like_one_advanced_token_by_token(engine: LLMEngine) -> None:
-    manager = engine.structured_output
+    manager = engine.core.structured_output
     text = '{"name": "ab", "kind": "dog", "owner": {"age": 4'
     token_ids = engine.tokenizer.encode(text)
     stepped = manager.new_request_grammar("stepped", JSON_SCHEMA, [])
