@@ -27,7 +27,7 @@ class DecodeConfig:
     block_n: int = 64  # context tokens per loop iteration
     num_warps: int = 4
     # None: 3 for head_dim >= 128 (1.7% faster at the key point), 2 below (3 cost head_dim 64 ~15%):
-    # measured on an H100, BENCHMARKS.md.
+    # measured on an H100, BENCHMARKS.md; 2 for fp8 caches (measured on an H200).
     num_stages: int | None = None
     use_dot: bool = True  # tl.dot with the head group padded to 16 rows, else broadcast-multiply + sum
     programs_per_sm: int = 4  # split the context until the grid holds this many programs per SM
@@ -257,7 +257,9 @@ def decode_attention(
         num_seqs, num_kv_heads, max_seq_len, query.device, config, num_partitions
     )
     is_split = num_partitions > 1
-    num_stages = config.num_stages or (3 if head_dim >= 128 else 2)
+    # 3 stages suit bf16 at head_dim 128; an fp8 cache runs 16% faster with 2 (359 against 426 us at
+    # 256 x ~2048, H200, BENCHMARKS.md), and equal at head_dim 64.
+    num_stages = config.num_stages or (3 if head_dim >= 128 and not is_fp8 else 2)
     scratch_shape = (num_seqs, num_heads, num_partitions) if is_split else (1, 1, 1)
     partial_max = torch.empty(scratch_shape, dtype=torch.float32, device=query.device)
     partial_sum = torch.empty_like(partial_max)
