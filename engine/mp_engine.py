@@ -29,7 +29,7 @@ import msgspec
 from engine.config import EngineConfig
 from engine.core import AbortRequests, Command, EngineCore, EngineCoreOutputs, Shutdown
 from engine.core_client import EngineFrontend
-from engine.input_processor import InputProcessor
+from engine.input_processor import InputProcessor, resolve_config_model
 from engine.model_files import ModelFiles
 from engine.request import EngineCoreRequest, Request
 from engine.stats import EngineStats
@@ -107,16 +107,23 @@ def _core_main(config: EngineConfig, files: ModelFiles, commands: Connection, ou
 # ---- this process ---------------------------------------------------------------------------------
 class MPEngine(EngineFrontend):
     def __init__(self, config: EngineConfig) -> None:
-        inputs = InputProcessor(config)
+        files = resolve_config_model(config)
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
         commands_r, self._commands = ctx.Pipe(duplex=False)
         self._outputs, outputs_w = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_core_main, name="tokenrelay-engine-core", daemon=True,
-                                    args=(config, inputs.files, commands_r, outputs_w,
+                                    args=(config, files, commands_r, outputs_w,
                                           logging.getLogger().getEffectiveLevel()))
         self._process.start()
         commands_r.close()
         outputs_w.close()
+        # The core starts first: its imports and model load (most of start-up) then overlap this
+        # process's config and tokenizer load instead of following them.
+        try:
+            inputs = InputProcessor(config, files)
+        except BaseException:
+            self._kill_core()
+            raise
         self._encoder = msgspec.msgpack.Encoder()
         self._send_lock = threading.Lock()
         super().__init__(config, inputs, self._wait_ready())

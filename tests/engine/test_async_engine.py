@@ -219,3 +219,25 @@ def test_a_failure_while_decoding_outputs_fails_that_request_and_nothing_else(
     assert fine[-1].finish_reason == "length" and sum(len(o.token_ids) for o in fine) == 5
     assert async_engine.is_running and async_engine.error is None
     assert async_engine.stats().num_running == 0
+
+
+def test_the_core_process_starts_before_the_frontend_loads_its_tokenizer(
+        monkeypatch: pytest.MonkeyPatch, tiny_model_dirs: dict[str, Path]) -> None:
+    """Start-up overlaps: the core imports and loads the model while this process builds its inputs."""
+    import multiprocessing
+
+    import engine.mp_engine as mp_engine
+
+    seen: list[list[str]] = []
+
+    class Recording(mp_engine.InputProcessor):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            seen.append([p.name for p in multiprocessing.active_children()])
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mp_engine, "InputProcessor", Recording)
+    engine = MPEngine(EngineConfig(model=str(tiny_model_dirs["qwen3"]), num_kv_blocks=64, max_num_seqs=2))
+    try:
+        assert seen == [["tokenrelay-engine-core"]]
+    finally:
+        engine.shutdown()
