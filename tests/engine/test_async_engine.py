@@ -229,10 +229,11 @@ def test_the_core_process_starts_before_the_frontend_loads_its_tokenizer(
     import engine.mp_engine as mp_engine
 
     seen: list[list[str]] = []
+    earlier = {p.pid for p in multiprocessing.active_children()}  # other tests' cores may still be ending
 
     class Recording(mp_engine.InputProcessor):
         def __init__(self, *args: object, **kwargs: object) -> None:
-            seen.append([p.name for p in multiprocessing.active_children()])
+            seen.append([p.name for p in multiprocessing.active_children() if p.pid not in earlier])
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(mp_engine, "InputProcessor", Recording)
