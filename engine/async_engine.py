@@ -69,6 +69,7 @@ class AsyncEngine(EngineFrontend):
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        self.core.shutdown()
 
     @property
     def is_running(self) -> bool:

@@ -57,6 +57,14 @@ class EngineConfig:
     # $XDG_CACHE_HOME/tokenrelay or ~/.cache/tokenrelay.
     cache_dir: str | None = knob(None, (
         "where a GGUF's config and tokenizer, converted once, are kept; unset: ~/.cache/tokenrelay"))
+    # One model split across this many GPUs of one host (Megatron-style: heads, MLP columns and the
+    # vocabulary sharded); one process per rank, the scheduler single in the engine core (rank 0).
+    tensor_parallel_size: int = knob(1, (
+        "GPUs one model is split across (one process per rank: cuda:N..N+size-1; gloo processes on the CPU)"))
+    # "dummy": random weights of the config's shape, nothing read from disk (benchmarks of shapes no
+    # checkpoint of which is at hand: a 70B model needs no 140 GB file), as vLLM's load_format.
+    load_format: Literal["auto", "dummy"] = knob("auto", (
+        "auto (the checkpoint's weights) or dummy (random weights of config.json's shape; benchmarks)"))
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
@@ -94,5 +102,9 @@ class EngineConfig:
             fail(f"waiting_served_ratio must be >= 0 or None, got {self.waiting_served_ratio}")
         if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
             fail(f"long_prefill_token_threshold must be >= 1 or None, got {self.long_prefill_token_threshold}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            fail(f"tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}")
+        if self.load_format not in ("auto", "dummy"):
+            fail(f"load_format must be 'auto' (the checkpoint) or 'dummy' (random weights), got {self.load_format!r}")
         if self.max_waiting_steps is not None and self.max_waiting_steps < 1:
             fail(f"max_waiting_steps must be >= 1 or None, got {self.max_waiting_steps}")

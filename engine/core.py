@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from engine.config import EngineConfig
+from engine.executor import ModelExecutor, MultiprocExecutor
 from engine.input_processor import resolve_config_model, resolve_max_model_len
 from engine.loader import load_hf_config
 from engine.model_files import ModelFiles
@@ -74,10 +75,22 @@ class EngineCore:
         self.config = config
         self.max_model_len = max_model_len = resolve_max_model_len(config, hf_config)
         self.structured_output = StructuredOutputManager(lambda: _vocabulary(files), hf_config.vocab_size)
-        self.model_runner = ModelRunner(config, files, hf_config, max_model_len, self.structured_output)
-        self.num_kv_blocks = self.model_runner.num_kv_blocks_from_memory()
-        self.model_runner.allocate_kv_cache(self.num_kv_blocks)
-        self.model_runner.capture_cudagraphs()
+        self.executor: ModelExecutor
+        self._tp_executor: MultiprocExecutor | None = None
+        if config.tensor_parallel_size > 1:
+            self._tp_executor = self.executor = MultiprocExecutor(
+                config, files, hf_config, max_model_len, self.structured_output)
+            self.model_runner = self._tp_executor.driver
+        else:  # one device: the runner itself, nothing in between
+            self.model_runner = self.executor = ModelRunner(
+                config, files, hf_config, max_model_len, self.structured_output)
+        try:
+            self.num_kv_blocks = self.executor.num_kv_blocks_from_memory()
+            self.executor.allocate_kv_cache(self.num_kv_blocks)
+            self.executor.capture_cudagraphs()
+        except BaseException:
+            self.shutdown()
+            raise
         self.scheduler = Scheduler(config, self.num_kv_blocks, max_model_len)
         self.vocab_size: int = hf_config.vocab_size
         self._finished_outputs: list[EngineCoreOutput] = []  # aborts and rejects, sent by the next step()
@@ -89,8 +102,14 @@ class EngineCore:
         self.peak_kv_usage = 0.0
         self.kv_waste_at_peak = 0.0
         self._next_waste_check = 0.0  # kv_waste() loops over live requests: at most every 1% of usage
-        logger.info("engine ready model=%s device=%s kv_blocks=%d block_size=%d max_model_len=%d",
-                    files.name, config.device, self.num_kv_blocks, config.block_size, max_model_len)
+        logger.info("engine ready model=%s device=%s tensor_parallel_size=%d kv_blocks=%d block_size=%d "
+                    "max_model_len=%d", files.name, config.device, config.tensor_parallel_size,
+                    self.num_kv_blocks, config.block_size, max_model_len)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do on one device)."""
+        if self._tp_executor is not None:
+            self._tp_executor.shutdown()
 
     # ---- requests in and out -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -126,13 +145,13 @@ class EngineCore:
             self._inflight = None
         else:
             scheduler_output = self.scheduler.schedule()
-            handle = self.model_runner.launch(scheduler_output)
+            handle = self.executor.launch(scheduler_output)
         if (self.config.async_scheduling and not scheduler_output.is_empty
                 and self.scheduler.can_schedule_ahead()):
             ahead = self.scheduler.schedule_ahead()
             if ahead is not None:
-                self._inflight = (ahead, self.model_runner.launch(ahead))
-        outputs += self._update(scheduler_output, self.model_runner.wait(handle))
+                self._inflight = (ahead, self.executor.launch(ahead))
+        outputs += self._update(scheduler_output, self.executor.wait(handle))
         self._drain_if_idle()
         return outputs
 
@@ -142,7 +161,7 @@ class EngineCore:
             # computed dropped rows. Read it now, so an idle engine holds nothing in flight.
             ahead, handle = self._inflight
             self._inflight = None
-            self._update(ahead, self.model_runner.wait(handle))
+            self._update(ahead, self.executor.wait(handle))
 
     def _update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)

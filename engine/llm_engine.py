@@ -35,6 +35,10 @@ class LLMEngine:
         self.vocab_size: int = hf_config.vocab_size
         self._finished: list[RequestOutput] = []  # ended at add_request: reported by the next step()
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any (they also exit with this process)."""
+        self.core.shutdown()
+
     # The core's parts and counters, for benchmarks and tests that look inside.
     @property
     def scheduler(self) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.distributed import TPInfo
 from engine.errors import UnsupportedModelError
 from engine.gguf_weights import TENSOR_INDEX, gguf_tensors
 from engine.model_files import ModelFiles
@@ -72,17 +74,39 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def load_model(files: ModelFiles, hf_config: Any, dtype: torch.dtype, device: str | torch.device
-               ) -> LlamaForCausalLM:
-    """Build the model for hf_config on `device` in `dtype` and load its weights from `files`."""
+def load_model(files: ModelFiles, hf_config: Any, dtype: torch.dtype, device: str | torch.device,
+               tp: TPInfo | None = None, load_format: str = "auto") -> LlamaForCausalLM:
+    """Build the model for hf_config on `device` in `dtype` (this rank's shard of it under tensor
+    parallelism) and load its weights from `files`, or random ones for load_format "dummy"."""
     model_cls = get_model_class(hf_config)
-    tensors = (gguf_tensors(files.gguf_file, hf_config, _read_index(files.config_dir / TENSOR_INDEX))
-               if files.gguf_file is not None else safetensors_tensors(safetensors_files(files.config_dir)))
     # Parameters are created directly on the device in the target dtype; RoPE's inv_freq stays float32.
     with torch.device(device), _default_dtype(dtype):
-        model = model_cls.from_hf_config(hf_config)
+        model = model_cls.from_hf_config(hf_config, tp)
+    tensors: Iterable[tuple[str, torch.Tensor]]
+    if load_format == "dummy":
+        tensors = dummy_tensors(model_cls.checkpoint_shapes(model.config), dtype, torch.device(device))
+    elif files.gguf_file is not None:
+        tensors = gguf_tensors(files.gguf_file, hf_config, _read_index(files.config_dir / TENSOR_INDEX))
+    else:
+        tensors = safetensors_tensors(safetensors_files(files.config_dir))
     load_weights(model, tensors)
     return model.eval()
+
+
+def dummy_tensors(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device,
+                  seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random full-size tensors, one name at a time, made on `device` (a 70B model's are made in seconds
+    on a GPU, and never all at once). Each is a function of (seed, name) only, so every rank cuts its
+    shard out of the same model and a tensor-parallel engine computes what one GPU would. Matrices have
+    std 1/sqrt(fan_in), so activations stay O(1) at any width; norms are 1, biases small."""
+    for name, shape in shapes.items():
+        generator = torch.Generator(device=device).manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        std = 1.0 if "embed_tokens" in name else (shape[1] ** -0.5 if len(shape) == 2 else 0.02)
+        tensor = torch.empty(shape, dtype=torch.float32 if device.type == "cpu" else dtype, device=device)
+        yield name, tensor.normal_(0.0, std, generator=generator).to(dtype)
 
 
 def _read_index(path: Path) -> dict[str, Any] | None:

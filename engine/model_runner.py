@@ -17,6 +17,7 @@ import torch
 from engine.attention import AttentionMetadata, bind_kv_cache, release_kv_cache
 from engine.config import EngineConfig
 from engine.cuda_graphs import PADDING_ROW, PENDING_TOKEN, DecodeGraphs, fill_pending_tokens
+from engine.distributed import TPInfo, broadcast_from_driver, rank_device
 from engine.errors import UnsupportedModelError
 from engine.loader import load_model, resolve_dtype
 from engine.model_files import ModelFiles
@@ -65,10 +66,14 @@ class CachedRequestState:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, files: ModelFiles, hf_config: Any, max_model_len: int,
-                 structured_output: StructuredOutputManager | None = None) -> None:
+                 structured_output: StructuredOutputManager | None = None, tp: TPInfo | None = None) -> None:
         self.config = config
         self.structured_output = structured_output  # None: requests with a grammar cannot run here
-        self.device = torch.device(config.device)
+        # Tensor parallelism: this runner computes its rank's shard of every step; rank 0 (the driver)
+        # samples and the others take its tokens (broadcast on the device). The process group must
+        # exist already (engine/executor.py).
+        self.tp = tp or TPInfo()
+        self.device = rank_device(config.device, self.tp.rank)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kv_cache_dtype = FP8_DTYPE if config.kv_cache_dtype == "fp8" else self.dtype
         self.max_model_len = max_model_len
@@ -76,7 +81,7 @@ class ModelRunner:
         # Seconds of each start-up phase this runner owns (bench/startup.py reads the log lines).
         self.startup_s: dict[str, float] = {}
         started = time.perf_counter()
-        self.model = load_model(files, hf_config, self.dtype, self.device)
+        self.model = load_model(files, hf_config, self.dtype, self.device, self.tp, config.load_format)
         self._record_startup("model_load", started)
         model_cfg = self.model.config
         if model_cfg.sliding_window is not None and max_model_len > model_cfg.sliding_window:
@@ -85,7 +90,7 @@ class ModelRunner:
                 f"do not implement; set max_model_len <= {model_cfg.sliding_window}")
         self.vocab_size: int = model_cfg.vocab_size
         self.num_layers: int = model_cfg.num_layers
-        self.num_kv_heads: int = model_cfg.num_kv_heads
+        self.num_kv_heads: int = model_cfg.num_local_kv_heads  # this rank's (all of them at TP=1)
         self.head_dim: int = model_cfg.head_dim
         self.sampler = Sampler()
         # The last token sampled for each block-table row, on the device: a step launched before the
@@ -217,7 +222,7 @@ class ModelRunner:
             self.requests[new.req_id] = state
             self._append_blocks(state, new.block_ids)
             grammar_params = new.sampling_params.structured_output
-            if grammar_params is not None:
+            if grammar_params is not None and self.tp.is_driver:  # only the driver samples
                 assert self.structured_output is not None, "a request with a grammar needs a StructuredOutputManager"
                 state.grammar = self.structured_output.new_request_grammar(
                     new.req_id, grammar_params, new.token_ids[new.num_prompt_tokens:])
@@ -278,6 +283,8 @@ class ModelRunner:
         if not sampled:
             return StepHandle()
         rows = hidden if logits_indices is None else hidden[logits_indices]
+        if self.tp.size > 1 and not self.tp.is_driver:
+            return self._take_driver_tokens(sampled, sampled_rows, rows)
         metadata = SamplingMetadata.from_params(
             [s.sampling_params for s in sampled], [s.seed for s in sampled],
             [s.num_tokens for s in sampled],
@@ -292,6 +299,21 @@ class ModelRunner:
         assert metadata.output_token_ids is None or not any(s.num_pending for s in sampled), \
             "penalties read the output tokens on the host: schedule such a step with nothing in flight"
         token_ids, logprobs = self.sampler(logits, metadata)
+        if self.tp.size > 1:
+            broadcast_from_driver(token_ids)
+        return self._record_sampled(sampled, sampled_rows, token_ids, logprobs)
+
+    def _take_driver_tokens(self, sampled: list[CachedRequestState], sampled_rows: torch.Tensor,
+                            rows: torch.Tensor) -> StepHandle:
+        """A rank other than the driver: its part of the logits' all-gather, then the driver's tokens."""
+        self.model.compute_logits(rows)
+        token_ids = torch.empty(len(sampled), dtype=torch.int64, device=self.device)
+        return self._record_sampled(sampled, sampled_rows, broadcast_from_driver(token_ids), None)
+
+    def _record_sampled(self, sampled: list[CachedRequestState], sampled_rows: torch.Tensor,
+                        token_ids: torch.Tensor, logprobs: SampleLogprobs | None) -> StepHandle:
+        """The sampled tokens into token_buffer (the next step launched may read them there) and on
+        their way to the host."""
         self.token_buffer.index_copy_(0, sampled_rows, token_ids)
         for state in sampled:
             state.num_pending += 1

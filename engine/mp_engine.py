@@ -29,6 +29,7 @@ import msgspec
 from engine.config import EngineConfig
 from engine.core import AbortRequests, Command, EngineCore, EngineCoreOutputs, Shutdown
 from engine.core_client import EngineFrontend
+from engine.distributed import disable_nvlink_multicast
 from engine.input_processor import InputProcessor, resolve_config_model
 from engine.model_files import ModelFiles
 from engine.request import EngineCoreRequest, Request
@@ -83,6 +84,7 @@ def _core_main(config: EngineConfig, files: ModelFiles, commands: Connection, ou
     # without shutdown(), and a SIGTERM sent to the whole group (systemd) ends the core; the parent then
     # hands its jobs back.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    disable_nvlink_multicast()  # before anything in this process touches NCCL
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 <core pid>`: its stacks
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -102,6 +104,8 @@ def _core_main(config: EngineConfig, files: ModelFiles, commands: Connection, ou
         logger.exception("engine core died")
         with contextlib.suppress(OSError):
             outputs.send_bytes(encoder.encode(Failed(repr(exc), False)))
+    finally:
+        core.shutdown()
 
 
 # ---- this process ---------------------------------------------------------------------------------

@@ -6,13 +6,14 @@ stream travels beside the hidden states so each residual add fuses into the next
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from engine.attention import Attention, AttentionMetadata
+from engine.distributed import TPInfo
 from engine.errors import UnsupportedModelError
 from engine.models.layers import (
     Linear,
@@ -23,6 +24,14 @@ from engine.models.layers import (
     VocabEmbedding,
     silu_and_mul,
     use_fused_kernels,
+)
+from engine.models.parallel_layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    kv_head_range,
 )
 
 
@@ -45,9 +54,35 @@ class LlamaModelConfig:
     qk_norm: bool  # Qwen3: RMSNorm over each head of q and k before RoPE
     sliding_window: int | None  # Mistral v0.1: we attend fully, so max_model_len must stay within it
     max_position_embeddings: int = 2048  # rows of the fused path's RoPE table (LLMEngine's default too)
+    tp: TPInfo = field(default_factory=TPInfo)  # this rank's place in the tensor-parallel group (size 1: the whole model)
+
+    def __post_init__(self) -> None:
+        size = self.tp.size
+        if size == 1:
+            return
+        problems = []
+        if self.num_heads % size:
+            problems.append(f"num_attention_heads={self.num_heads}")
+        if self.num_kv_heads % size and size % self.num_kv_heads:
+            problems.append(f"num_key_value_heads={self.num_kv_heads} (nor is it divided by it)")
+        if self.intermediate_size % size:
+            problems.append(f"intermediate_size={self.intermediate_size}")
+        if problems:
+            raise ValueError(
+                f"tensor_parallel_size={size} does not divide {', '.join(problems)}; choose a size that "
+                f"divides the heads and the MLP width (the vocabulary is padded, any size works there)")
+
+    @property
+    def num_local_heads(self) -> int:
+        return self.num_heads // self.tp.size
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this rank holds (and caches): its share, or one replicated head."""
+        return kv_head_range(self.num_kv_heads, self.tp)[1]
 
     @classmethod
-    def from_hf(cls, hf_config: Any) -> LlamaModelConfig:
+    def from_hf(cls, hf_config: Any, tp: TPInfo | None = None) -> LlamaModelConfig:
         model_type = getattr(hf_config, "model_type", "")
         if getattr(hf_config, "hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {hf_config.hidden_act!r} is not supported (only silu)")
@@ -82,21 +117,31 @@ class LlamaModelConfig:
             qk_norm=model_type == "qwen3",
             sliding_window=sliding_window,
             max_position_embeddings=getattr(hf_config, "max_position_embeddings", None) or 2048,
+            tp=tp or TPInfo(),
         )
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaModelConfig, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                  bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_local_heads, cfg.num_local_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
+        self.qkv_proj: QKVLinear
+        self.o_proj: Linear
+        if cfg.tp.size == 1:
+            self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                      bias=cfg.qkv_bias)
+            self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        else:
+            self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                              cfg.tp, bias=cfg.qkv_bias)
+            self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.tp,
+                                            bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary_emb = rotary_emb  # shared by every layer (one cos/sin table)
-        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale=cfg.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, scale=cfg.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, attn_metadata: AttentionMetadata
                 ) -> torch.Tensor:
@@ -120,8 +165,15 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj: MergedLinear
+        self.down_proj: Linear
+        if cfg.tp.size == 1:
+            self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias)
+            self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        else:
+            self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, cfg.tp,
+                                                           bias=cfg.mlp_bias)
+            self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.tp, bias=cfg.mlp_bias)
         self.is_fused = use_fused_kernels(self.down_proj.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
@@ -161,7 +213,8 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = (VocabEmbedding(cfg.vocab_size, cfg.hidden_size) if cfg.tp.size == 1
+                             else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.tp))
         rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, rotary_emb) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -191,13 +244,43 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = (Linear(cfg.hidden_size, cfg.vocab_size) if cfg.tp.size == 1
+                        else ParallelLMHead(cfg.hidden_size, cfg.vocab_size, cfg.tp))
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
-    def from_hf_config(cls, hf_config: Any) -> LlamaForCausalLM:
-        return cls(LlamaModelConfig.from_hf(hf_config))
+    def from_hf_config(cls, hf_config: Any, tp: TPInfo | None = None) -> LlamaForCausalLM:
+        return cls(LlamaModelConfig.from_hf(hf_config, tp))
+
+    @staticmethod
+    def checkpoint_shapes(cfg: LlamaModelConfig) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor name of a full (unsharded) checkpoint of this config, with its shape: what
+        load_format="dummy" makes up."""
+        h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h),
+                                              "model.norm.weight": (h,)}
+        if not cfg.tie_word_embeddings:
+            shapes["lm_head.weight"] = (cfg.vocab_size, h)
+        for n in range(cfg.num_layers):
+            layer = f"model.layers.{n}"
+            shapes |= {f"{layer}.input_layernorm.weight": (h,), f"{layer}.post_attention_layernorm.weight": (h,),
+                       f"{layer}.self_attn.q_proj.weight": (q, h), f"{layer}.self_attn.k_proj.weight": (kv, h),
+                       f"{layer}.self_attn.v_proj.weight": (kv, h), f"{layer}.self_attn.o_proj.weight": (h, q),
+                       f"{layer}.mlp.gate_proj.weight": (i, h), f"{layer}.mlp.up_proj.weight": (i, h),
+                       f"{layer}.mlp.down_proj.weight": (h, i)}
+            if cfg.qkv_bias:
+                shapes |= {f"{layer}.self_attn.q_proj.bias": (q,), f"{layer}.self_attn.k_proj.bias": (kv,),
+                           f"{layer}.self_attn.v_proj.bias": (kv,)}
+            if cfg.o_bias:
+                shapes[f"{layer}.self_attn.o_proj.bias"] = (h,)
+            if cfg.mlp_bias:
+                shapes |= {f"{layer}.mlp.gate_proj.bias": (i,), f"{layer}.mlp.up_proj.bias": (i,),
+                           f"{layer}.mlp.down_proj.bias": (h,)}
+            if cfg.qk_norm:
+                shapes |= {f"{layer}.self_attn.q_norm.weight": (d,), f"{layer}.self_attn.k_norm.weight": (d,)}
+        return shapes
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
                 ) -> torch.Tensor:  # input_ids, positions [T] -> hidden [T, hidden]
