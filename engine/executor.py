@@ -279,14 +279,23 @@ class MultiprocExecutor:
         try:
             return self.driver.launch(scheduler_output)
         except Exception as exc:
-            raise self._failure or RuntimeError(f"tensor-parallel step failed: {exc}") from exc
+            raise self._why_failed(exc) from exc
 
     def wait(self, handle: StepHandle) -> ModelRunnerOutput:
         self._send(_Wait())
         try:
             return self.driver.wait(handle)
         except Exception as exc:
-            raise self._failure or RuntimeError(f"tensor-parallel step failed: {exc}") from exc
+            raise self._why_failed(exc) from exc
+
+    def _why_failed(self, exc: Exception) -> Exception:
+        """A collective fails when a peer died: name the dead rank (the watcher may not have yet)."""
+        if self._failure is None:
+            dead = next((rank for rank in self.ranks if not rank.process.is_alive()), None)
+            if dead is None:
+                return exc
+            self._failure = dead.died()
+        return self._failure
 
     def _send(self, command: _Command) -> None:
         if self._failure is not None:

@@ -100,7 +100,8 @@ def make_tiny_model(arch: str, path: str | os.PathLike[str], seed: int = 0, **ov
     tokenizer = build_tokenizer()
     bos = tokenizer.convert_tokens_to_ids("<s>")
     eos = tokenizer.convert_tokens_to_ids("</s>")
-    config = _config(arch, len(tokenizer), bos, eos, **overrides)
+    # A vocab_size override larger than the tokenizer's leaves ids that decode to nothing (never prompted).
+    config = _config(arch, overrides.pop("vocab_size", len(tokenizer)), bos, eos, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform logits; widen them so greedy argmax is far from ties and sampled

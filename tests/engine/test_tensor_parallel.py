@@ -1,0 +1,127 @@
+"""Tensor parallelism on the CPU (gloo, fp32): TP=2 and TP=4 give the greedy tokens of TP=1 on every
+architecture, with fewer KV heads than ranks (replicated) and a vocabulary the ranks do not divide
+(padded); dummy weights are the same model at every TP size; a rank that dies ends the engine.
+
+Every TP engine spawns a process per rank (seconds each on a small CI box), so one engine serves each
+case's whole batch, and the rarer combinations are marked `reliability` (CI runs them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine import EngineConfig, SamplingParams
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
+from engine.outputs import FinishReason, RequestOutput
+from tests.helpers.tiny_models import make_tiny_model
+
+# Mixed lengths, a shared prefix (prefix-cache hit) and a prompt longer than one step's budget (chunked).
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 120)), [5, 6, 7, 8, 9, 10] * 3 + [40, 41]]
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def _config(model: Path, tp: int, **overrides: object) -> EngineConfig:
+    knobs: dict[str, object] = dict(model=str(model), num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=48,
+                                    max_model_len=256, tensor_parallel_size=tp)
+    return EngineConfig(**{**knobs, **overrides})  # type: ignore[arg-type]
+
+
+def _greedy_tokens(config: EngineConfig) -> list[list[int]]:
+    engine = LLMEngine(config)
+    try:
+        return [out.token_ids for out in engine.generate(PROMPTS, GREEDY)]
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(("arch", "tp"), [
+    ("llama", 2), ("qwen3", 4),
+    pytest.param("qwen3", 2, marks=pytest.mark.reliability),
+    pytest.param("qwen2", 4, marks=pytest.mark.reliability),
+    pytest.param("mistral", 2, marks=pytest.mark.reliability),
+    pytest.param("qwen2", 2, marks=pytest.mark.reliability),
+    pytest.param("llama", 4, marks=pytest.mark.reliability),
+    pytest.param("mistral", 4, marks=pytest.mark.reliability),
+])
+def test_greedy_tokens_equal_one_rank(tiny_model_dirs: dict[str, Path], arch: str, tp: int) -> None:
+    """The tiny models have 4 heads and 2 KV heads: at TP=4 each KV head is replicated on two ranks."""
+    model = tiny_model_dirs[arch]
+    expected = _greedy_tokens(_config(model, 1))
+    assert len({tuple(t) for t in expected}) > 1, "the prompts should not all give the same tokens"
+    assert _greedy_tokens(_config(model, tp)) == expected
+
+
+def test_one_kv_head_and_a_vocabulary_the_ranks_do_not_divide(tmp_path: Path) -> None:
+    """MQA (one KV head on 4 ranks) and 322 ids over 4 ranks (81 each, the last 2 rows padding)."""
+    model = make_tiny_model("llama", tmp_path / "mqa", num_key_value_heads=1, vocab_size=322)
+    assert _greedy_tokens(_config(model, 4)) == _greedy_tokens(_config(model, 1))
+
+
+def test_dummy_weights_are_the_same_model_at_every_tp_size(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """load_format="dummy" reads no weights (a config directory is enough), and every rank cuts its shard
+    from the same random tensors."""
+    config_dir = tmp_path / "config-only"
+    config_dir.mkdir()
+    for name in os.listdir(tiny_model_dir):
+        if not name.endswith(".safetensors"):
+            (config_dir / name).write_bytes((tiny_model_dir / name).read_bytes())
+    one = _greedy_tokens(_config(config_dir, 1, load_format="dummy"))
+    assert one != _greedy_tokens(_config(tiny_model_dir, 1))  # not the checkpoint's weights
+    assert _greedy_tokens(_config(config_dir, 2, load_format="dummy")) == one
+
+
+@pytest.mark.parametrize(("tp", "message"), [
+    (3, r"tensor_parallel_size=3 does not divide num_attention_heads=4, num_key_value_heads=2 \(nor is it "
+        r"divided by it\), intermediate_size=128; choose a size"),
+    (8, "tensor_parallel_size=8 does not divide num_attention_heads=4; choose a size"),
+])
+def test_sizes_that_do_not_split_the_heads_fail_before_any_rank_starts(tiny_model_dir: Path, tp: int,
+                                                                        message: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=message):
+        LLMEngine(_config(tiny_model_dir, tp))
+    assert time.monotonic() - started < 5.0, "a rank process was started before the sizes were checked"
+
+
+def test_tensor_parallel_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1"):
+        EngineConfig(tensor_parallel_size=0)
+
+
+def test_a_rank_that_dies_ends_the_engine_with_an_error(tiny_model_dir: Path) -> None:
+    engine = AsyncEngine(_config(tiny_model_dir, 2))
+    engine.start()
+    try:
+        executor = engine.core._tp_executor
+        assert executor is not None
+        outputs: list[RequestOutput] = []
+        engine.submit("before", prompt_token_ids=[5, 6, 7], params=GREEDY, on_output=outputs.append)
+        _wait_for(lambda: bool(outputs) and outputs[-1].finished, "the first request")
+        assert outputs[-1].finish_reason == FinishReason.LENGTH
+        rank_pid = executor.rank_pids[0]
+        assert rank_pid is not None
+        os.kill(rank_pid, signal.SIGKILL)
+        failed: list[RequestOutput] = []
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        engine.submit("after", prompt_token_ids=[5, 6, 7], params=long, on_output=failed.append)
+        _wait_for(lambda: bool(failed) and failed[-1].finished, "the request after the kill to end")
+        assert failed[-1].finish_reason == FinishReason.ERROR
+        assert "tensor-parallel rank 1" in (failed[-1].error or "") and "died" in (failed[-1].error or "")
+        assert engine.error is not None and not engine.is_running
+        with pytest.raises(RuntimeError, match="the engine loop has died"):
+            engine.submit("refused", prompt_token_ids=[5], params=GREEDY, on_output=failed.append)
+    finally:
+        engine.shutdown()
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
