@@ -9,6 +9,7 @@ and bf16 matmul rate measured in the same run.
     python -m bench.throughput --configs auto,auto:split=512,fp8 --repeats 3 --baselines 0
     python -m bench.throughput --quick                           # small smoke run (CPU or GPU)
     python -m bench.throughput --constrained-fraction 0.1 --baselines 0   # 10% of requests JSON-constrained
+    python -m bench.throughput --model llama-3-70b --load-format dummy --tensor-parallel-size 4 --baselines 0
 
 A config is `KV[:switch=value]...`: KV is auto or fp8; switches: split=N (decode partitions of at most N
 tokens, TOKENRELAY_DECODE_MAX_PARTITION_TOKENS), causal=1 (prefill causal split,
@@ -20,6 +21,11 @@ scales; the weights once per decode step, at the copy bandwidth); for the prefil
 prefill's FLOPs at the measured matmul rate are added (the benchmark workload's figure stays the decode
 floor, as DESIGN.md quotes it; its prefill term is in the JSON). The prefill kernel is also timed alone
 on one step's worth of the workload's prompts (max_num_batched_tokens fresh tokens) for its TFLOP/s.
+
+Tensor parallel (--tensor-parallel-size N): the rooflines take N GPUs' bandwidth and matmul rate (each
+reads its 1/N of the weights and the KV), and each run reports its tok/s per GPU too. --load-format dummy
+makes the weights up on the GPUs (no checkpoint is written: a 70B shape needs no 140 GB file; no HF
+baselines then).
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ from bench.workload import (
     make_checkpoint,
     make_workload,
     named_workload,
+    num_parameters,
     prefill_flops,
     roofline_bytes,
+    write_config_dir,
 )
 
 # Config switches -> the environment variable each sets (read once per engine; see engine/attention.py).
@@ -190,7 +198,8 @@ def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace, conf
         model=str(model_dir), device=args.device, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-        async_scheduling=config.async_scheduling, kv_cache_dtype=config.kv_cache_dtype))  # type: ignore[arg-type]
+        async_scheduling=config.async_scheduling, kv_cache_dtype=config.kv_cache_dtype,  # type: ignore[arg-type]
+        tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format))
     params = [SamplingParams(max_tokens=n, temperature=args.temperature, ignore_eos=True)
               for n in workload.output_lens]
     for i in _constrained_rows(len(params), args.constrained_fraction):
@@ -217,7 +226,9 @@ def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace, conf
                   tok_s=statistics.median(tok_s), tok_s_min=min(tok_s), tok_s_max=max(tok_s),
                   num_kv_blocks=engine.num_kv_blocks, num_steps=stats.num_steps / args.repeats,
                   preemptions=stats.num_preemptions, peak_kv_usage=engine.peak_kv_usage,
-                  kv_waste_at_peak=engine.kv_waste_at_peak)
+                  kv_waste_at_peak=engine.kv_waste_at_peak, tensor_parallel_size=args.tensor_parallel_size,
+                  tok_s_per_gpu=statistics.median(tok_s) / args.tensor_parallel_size)
+    engine.shutdown()  # the other ranks' processes free their GPUs before the next config's engine starts
     del engine, outs
     gc.collect()
     if args.device.startswith("cuda"):
@@ -357,6 +368,9 @@ def main() -> None:
                         help="default: the workload's longest prompt + output (2048, or 4224 prefill-heavy)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split across")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: random weights made on the GPUs, no checkpoint written (no HF baselines)")
     parser.add_argument("--async-scheduling", choices=["on", "off", "both"], default="on",
                         help="both: each KV dtype twice, without then with (config label KV:async=off)")
     parser.add_argument("--write-workload-json", default=None,
@@ -381,8 +395,16 @@ def main() -> None:
         Path(args.write_workload_json).write_text(json.dumps(
             {"prompts": workload.prompts, "output_lens": workload.output_lens}))
     shape = MODEL_SHAPES[args.model]
+    weight_bytes = num_parameters(shape) * (2 if args.device.startswith("cuda") else 4)
+    if args.load_format == "auto" and weight_bytes > 32 << 30:
+        raise SystemExit(f"{args.model} weighs {weight_bytes / 1e9:.0f} GB: pass --load-format dummy (random "
+                         f"weights made on the GPUs) rather than writing that checkpoint")
+    if args.load_format == "dummy":
+        args.baselines = 0  # HF needs the checkpoint on disk
     configs = run_configs(args)
-    bandwidth, matmul = copy_bandwidth(args.device), matmul_rate(args.device)
+    tp = args.tensor_parallel_size
+    # N GPUs read their shares at the same time: N times one GPU's copy and matmul rates.
+    bandwidth, matmul = tp * copy_bandwidth(args.device), tp * matmul_rate(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # the probes' buffers are gone: the engines size the KV pool from free memory
     results: dict[str, Any] = dict(
@@ -390,16 +412,20 @@ def main() -> None:
         workload=args.workload, date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
         num_requests=len(workload.prompts), num_prompt_tokens=workload.num_prompt_tokens,
         num_output_tokens=workload.num_output_tokens, max_model_len=args.max_model_len, repeats=args.repeats,
+        tensor_parallel_size=tp, load_format=args.load_format, weight_bytes=weight_bytes,
         copy_bandwidth_tb_s=bandwidth / 1e12, matmul_tflop_s=matmul / 1e12, prefill_flops=prefill_flops(workload, shape),
         runs=[], prefill_kernel={})
     includes_prefill = args.workload == "prefill-heavy"
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_checkpoint(args.model, Path(tmp) / "model", device=args.device,
-                                    dtype="bfloat16" if args.device.startswith("cuda") else "float32")
+        model_dir = Path(tmp) / "model"
+        if args.load_format == "dummy":
+            write_config_dir(args.model, model_dir)
+        else:
+            make_checkpoint(args.model, model_dir, device=args.device,
+                            dtype="bfloat16" if args.device.startswith("cuda") else "float32")
         if args.constrained_fraction:
             _json_capable_tokenizer(model_dir, int(shape["vocab_size"]))  # type: ignore[call-overload]
             results["constrained_fraction"] = args.constrained_fraction
-        weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         for kv in sorted({c.kv_cache_dtype for c in configs}):
             roof = rooflines(workload, shape, weight_bytes, bandwidth, matmul, kv)
             roof["roofline_s"] = roof["decode_floor_s"] + (roof["prefill_floor_s"] if includes_prefill else 0.0)
@@ -436,9 +462,10 @@ def main() -> None:
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\n{results['workload']} workload, {results['model']}: {results['num_requests']} requests, "
           f"{results['num_prompt_tokens']} prompt + {results['num_output_tokens']} output tokens; copy "
-          f"{results['copy_bandwidth_tb_s']:.2f} TB/s, matmul {results['matmul_tflop_s']:.0f} TFLOP/s; "
+          f"{results['copy_bandwidth_tb_s']:.2f} TB/s, matmul {results['matmul_tflop_s']:.0f} TFLOP/s"
+          f"{' (' + str(results['tensor_parallel_size']) + ' GPUs)' if results['tensor_parallel_size'] > 1 else ''}; "
           f"median of {args.repeats}")
-    print(f"{'engine':<40}{'tok/s':>9}{'min':>9}{'max':>9}{'wall s':>9}{'of roofline':>13}")
+    print(f"{'engine':<40}{'tok/s':>9}{'min':>9}{'max':>9}{'wall s':>9}{'of roofline':>13}{'tok/s/GPU':>11}")
     for kv in ("auto", "fp8"):
         roof = results.get(f"roofline_{kv}")
         if roof:
@@ -447,7 +474,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
                   f"{roof['roofline_s']:>9.2f}{1.0:>13.2f}")
     for run in results["runs"]:
         print(f"{'tokenrelay ' + run['config']:<40}{run['tok_s']:>9.0f}{run['tok_s_min']:>9.0f}"
-              f"{run['tok_s_max']:>9.0f}{run['wall_s']:>9.2f}{run['of_roofline']:>13.3f}")
+              f"{run['tok_s_max']:>9.0f}{run['wall_s']:>9.2f}{run['of_roofline']:>13.3f}{run['tok_s_per_gpu']:>11.0f}")
     for key, label in (("hf_static", "HF static (bs 64)"), ("hf_continuous", "HF continuous batching")):
         r = results.get(key)
         if isinstance(r, dict) and "tok_s" in r:

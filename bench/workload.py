@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MODEL_SHAPES: dict[str, dict[str, object]] = {
     # Qwen3-0.6B-shaped: the model every quoted figure uses.
@@ -18,6 +19,11 @@ MODEL_SHAPES: dict[str, dict[str, object]] = {
     "llama-3.2-1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                          tie_word_embeddings=True),
+    # Llama-3-70B-shaped (140 GB in bf16: more than one H200 holds): the tensor-parallel benchmark, on random
+    # weights made on the GPUs (load_format="dummy"), never written to disk.
+    "llama-3-70b": dict(arch="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                        tie_word_embeddings=False),
     # A small model for --quick smoke runs (CPU or GPU).
     "tiny": dict(arch="qwen3", vocab_size=4096, hidden_size=128, intermediate_size=256,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -108,11 +114,23 @@ def roofline_bytes(workload: Workload, shape: dict[str, object], weight_bytes: i
     return kv, weight_bytes * steps
 
 
-def make_checkpoint(name: str, path: Path, device: str = "cpu", dtype: str = "bfloat16") -> Path:
-    """Write a random-weight checkpoint of MODEL_SHAPES[name] plus a word-level tokenizer to path."""
-    import torch
+def num_parameters(shape: dict[str, object]) -> int:
+    """Parameters of a MODEL_SHAPES entry (what its bf16 weights weigh, halved)."""
+    vocab, hidden, inter, layers, heads, kv_heads, head_dim = _dims(
+        shape, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim")
+    q, kv = heads * head_dim, kv_heads * head_dim
+    qk_norm = 2 * head_dim if shape["arch"] == "qwen3" else 0
+    layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden + qk_norm
+    embeddings = vocab * hidden * (1 if shape.get("tie_word_embeddings") else 2)
+    return embeddings + layers * layer + hidden
+
+
+def write_config_dir(name: str, path: Path) -> Any:
+    """config.json and a word-level tokenizer covering the whole vocabulary of MODEL_SHAPES[name], no
+    weights: what an engine with load_format="dummy" needs. Returns the HF config."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+    from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
 
     shape = dict(MODEL_SHAPES[name])
     arch = shape.pop("arch")
@@ -120,14 +138,24 @@ def make_checkpoint(name: str, path: Path, device: str = "cpu", dtype: str = "bf
     vocab_size = int(shape["vocab_size"])  # type: ignore[call-overload]
     # 8192 positions: room for the prefill-heavy workload's 4096 + 128 tokens (vLLM caps max_model_len here).
     config = config_cls(**shape, max_position_embeddings=8192, rope_theta=1000000.0,
-                        bos_token_id=0, eos_token_id=1)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.save_pretrained(path, safe_serialization=True)
+                        bos_token_id=0, eos_token_id=1, architectures=[f"{config_cls.__name__[:-6]}ForCausalLM"])
+    config.save_pretrained(path)
     vocab = {f"t{i}": i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1").save_pretrained(path)
+    return config
+
+
+def make_checkpoint(name: str, path: Path, device: str = "cpu", dtype: str = "bfloat16") -> Path:
+    """Write a random-weight checkpoint of MODEL_SHAPES[name] plus a word-level tokenizer to path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = write_config_dir(name, path)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(path, safe_serialization=True)
     del model
     return path

@@ -5,6 +5,7 @@ probe running the engine's kernels (under the Triton interpreter)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from bench.workload import (
     Workload,
     kv_bytes_per_token,
     named_workload,
+    num_parameters,
     prefill_flops,
     roofline_bytes,
+    write_config_dir,
 )
 
 
@@ -66,3 +69,17 @@ def test_prefill_kernel_probe_runs_the_kernel(kv_cache_dtype: str) -> None:
     workload = Workload(prompts=[[0] * 40, [0] * 30], output_lens=[1, 1])
     rate = prefill_kernel_rate(MODEL_SHAPES["tiny"], workload, 50, "cpu", kv_cache_dtype)
     assert (rate["num_seqs"], rate["num_tokens"]) == (2, 50) and rate["tflop_s"] > 0
+
+
+def test_parameter_counts_match_the_models_hf_builds(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for name in ("tiny", "llama-3.2-1b"):
+        write_config_dir(name, tmp_path / name)
+        config = AutoConfig.from_pretrained(tmp_path / name)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        assert num_parameters(MODEL_SHAPES[name]) == sum(p.numel() for p in model.parameters()), name
+    assert not list((tmp_path / "tiny").glob("*.safetensors"))  # a config directory: no weights
+    # Llama-3-70B: 70.55 B parameters, 141 GB in bf16 (the tensor-parallel shape).
+    assert num_parameters(MODEL_SHAPES["llama-3-70b"]) == 70_553_706_496
