@@ -56,11 +56,18 @@ def rank_device(device: str, rank: int) -> torch.device:
     return torch.device("cuda", (base.index or 0) + rank)
 
 
+def ensure_no_process_group() -> None:
+    if dist.is_initialized():
+        raise RuntimeError("a tensor-parallel engine already runs in this process (one per process): shut "
+                           "it down first (LLMEngine.shutdown(), AsyncEngine.shutdown())")
+
+
 def init_distributed(tp: TPInfo, device: torch.device, init_method: str) -> None:
     """Join the group (blocks until every rank has); NCCL on CUDA, gloo on the CPU."""
+    ensure_no_process_group()
     disable_nvlink_multicast()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # plain "cuda" (rank 0): the current device
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=tp.rank, world_size=tp.size,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -32,6 +33,7 @@ from engine.distributed import (
     TPInfo,
     destroy_distributed,
     disable_nvlink_multicast,
+    ensure_no_process_group,
     free_init_method,
     init_distributed,
     rank_device,
@@ -224,6 +226,45 @@ class _Rank:
             end.close()
 
 
+class _RankGroup:
+    """Ranks 1..N-1 and what is known of their health: the watcher thread's and the finalizer's state,
+    apart from the executor so that neither keeps the executor alive."""
+
+    def __init__(self, ranks: list[_Rank]) -> None:
+        self.ranks = ranks
+        self.failure: RuntimeError | None = None
+        self.is_stopping = False
+        self.owns_process_group = False  # this engine joined it (leave it on close)
+
+    def watch(self) -> None:
+        """A rank that dies takes the others down with it, so no survivor waits in a collective; the
+        core's own collective then fails and its next call raises the death."""
+        sentinels = {rank.process.sentinel: rank for rank in self.ranks}
+        dead = wait(list(sentinels))
+        if self.is_stopping:
+            return
+        self.failure = sentinels[dead[0]].died()  # type: ignore[index]
+        logger.error("%s: stopping the other ranks", self.failure)
+        for other in self.ranks:
+            if other.process.is_alive():
+                other.process.kill()
+
+    def first_dead(self) -> RuntimeError | None:
+        """The failure, or a rank found dead now (a collective fails before the watcher has looked)."""
+        if self.failure is None:
+            dead = next((rank for rank in self.ranks if not rank.process.is_alive()), None)
+            self.failure = dead.died() if dead is not None else None
+        return self.failure
+
+    def close(self) -> None:
+        self.is_stopping = True
+        for rank in self.ranks:
+            rank.stop(timeout_s=10.0)
+        if self.owns_process_group:
+            self.owns_process_group = False
+            destroy_distributed()
+
+
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig, files: ModelFiles, hf_config: Any, max_model_len: int,
                  structured_output: StructuredOutputManager | None) -> None:
@@ -234,35 +275,39 @@ class MultiprocExecutor:
         if device.type == "cuda" and (device.index or 0) + size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size={size} from {device} needs {(device.index or 0) + size} "
                              f"GPUs; this host has {torch.cuda.device_count()}")
+        ensure_no_process_group()  # before any rank starts
         disable_nvlink_multicast()  # this process is rank 0 (and the ranks inherit its environment)
         init_method = free_init_method()
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
-        self._stopping = False
-        self._failure: RuntimeError | None = None
-        self.ranks = [_Rank(ctx, config, files, max_model_len, TPInfo(rank, size), init_method)
-                      for rank in range(1, size)]
+        self._group = group = _RankGroup([_Rank(ctx, config, files, max_model_len, TPInfo(rank, size), init_method)
+                                          for rank in range(1, size)])
+        # An engine dropped without shutdown() still stops its ranks (they would also exit with this
+        # process; until then they hold their GPUs). shutdown() runs it now, once.
+        self.shutdown = weakref.finalize(self, group.close)
         self._encoder = msgspec.msgpack.Encoder()
         try:
             init_distributed(tp, device, init_method)
+            group.owns_process_group = True
             self.driver = ModelRunner(config, files, hf_config, max_model_len, structured_output, tp)
-            for rank in self.ranks:
+            for rank in group.ranks:
                 rank.expect(_Done, STARTUP_TIMEOUT_S)
         except BaseException:
+            for rank in group.ranks:  # a rank may be stuck in the rendezvous: no graceful stop
+                rank.process.kill()
             self.shutdown()
             raise
-        self._watcher = threading.Thread(target=self._watch, name="tokenrelay-tp-watch", daemon=True)
-        self._watcher.start()
+        threading.Thread(target=group.watch, name="tokenrelay-tp-watch", daemon=True).start()
 
     @property
     def rank_pids(self) -> list[int | None]:
-        return [rank.process.pid for rank in self.ranks]
+        return [rank.process.pid for rank in self._group.ranks]
 
     # ---- the runner's interface, on every rank ---------------------------------------------------
     def num_kv_blocks_from_memory(self) -> int:
         """The fewest blocks any rank has room for (each holds the same blocks, of its own heads)."""
         self._send(_SizeKVCache())
         own = self.driver.num_kv_blocks_from_memory()
-        return min([own, *(rank.expect(_NumBlocks, STARTUP_TIMEOUT_S).num_blocks for rank in self.ranks)])
+        return min([own, *(rank.expect(_NumBlocks, STARTUP_TIMEOUT_S).num_blocks for rank in self._group.ranks)])
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._send(_AllocateKVCache(num_blocks))
@@ -271,56 +316,33 @@ class MultiprocExecutor:
     def capture_cudagraphs(self) -> None:
         self._send(_CaptureGraphs())
         self.driver.capture_cudagraphs()
-        for rank in self.ranks:
+        for rank in self._group.ranks:
             rank.expect(_Done, STARTUP_TIMEOUT_S)
 
     def launch(self, scheduler_output: SchedulerOutput) -> StepHandle:
         self._send(_Launch(scheduler_output))
-        try:
+        with self._naming_dead_ranks():
             return self.driver.launch(scheduler_output)
-        except Exception as exc:
-            raise self._why_failed(exc) from exc
 
     def wait(self, handle: StepHandle) -> ModelRunnerOutput:
         self._send(_Wait())
-        try:
+        with self._naming_dead_ranks():
             return self.driver.wait(handle)
-        except Exception as exc:
-            raise self._why_failed(exc) from exc
 
-    def _why_failed(self, exc: Exception) -> Exception:
-        """A collective fails when a peer died: name the dead rank (the watcher may not have yet)."""
-        if self._failure is None:
-            dead = next((rank for rank in self.ranks if not rank.process.is_alive()), None)
-            if dead is None:
-                return exc
-            self._failure = dead.died()
-        return self._failure
+    @contextlib.contextmanager
+    def _naming_dead_ranks(self) -> Iterator[None]:
+        """A collective fails when a peer died: raise that death, not gloo's socket error."""
+        try:
+            yield
+        except Exception as exc:
+            failure = self._group.first_dead()
+            if failure is None:
+                raise
+            raise failure from exc
 
     def _send(self, command: _Command) -> None:
-        if self._failure is not None:
-            raise self._failure
+        if self._group.failure is not None:
+            raise self._group.failure
         data = self._encoder.encode(command)
-        for rank in self.ranks:
+        for rank in self._group.ranks:
             rank.send(data)
-
-    # ---- lifecycle ---------------------------------------------------------------------------
-    def _watch(self) -> None:
-        """A rank that dies takes the others down with it, so no survivor waits in a collective; the
-        core's own collective then fails and its next call raises the death."""
-        sentinels = {rank.process.sentinel: rank for rank in self.ranks}
-        dead = wait(list(sentinels))
-        if self._stopping:
-            return
-        rank = sentinels[dead[0]]  # type: ignore[index]
-        self._failure = rank.died()
-        logger.error("%s: stopping the other ranks", self._failure)
-        for other in self.ranks:
-            if other.process.is_alive():
-                other.process.kill()
-
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        self._stopping = True
-        for rank in self.ranks:
-            rank.stop(timeout_s)
-        destroy_distributed()

@@ -7,6 +7,7 @@ case's whole batch, and the rarer combinations are marked `reliability` (CI runs
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -125,3 +126,24 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0)
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def test_one_tensor_parallel_engine_per_process_and_a_dropped_one_stops_its_ranks(tiny_model_dir: Path) -> None:
+    first = LLMEngine(_config(tiny_model_dir, 2))
+    with pytest.raises(RuntimeError, match="already runs in this process"):
+        LLMEngine(_config(tiny_model_dir, 2))
+    assert first.generate([[5, 6, 7]], GREEDY)[0].finish_reason == FinishReason.LENGTH  # its group intact
+    executor = first.core._tp_executor
+    assert executor is not None
+    pids = [pid for pid in executor.rank_pids if pid is not None]
+    del first, executor
+    gc.collect()
+    _wait_for(lambda: not any(_alive(pid) for pid in pids), "the dropped engine's ranks to exit")
+    LLMEngine(_config(tiny_model_dir, 2)).shutdown()  # and the process may start another
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

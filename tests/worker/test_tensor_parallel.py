@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 
 from tests.helpers.redis_server import RedisServer
-from tests.worker.conftest import KEYS, assert_contiguous, events, spawn_worker, submit, wait_final, wait_until
+from tests.worker.conftest import (
+    KEYS,
+    assert_contiguous,
+    events,
+    spawn_worker,
+    submit,
+    wait_final,
+    wait_until,
+)
 
 pytestmark = pytest.mark.reliability  # a worker, its engine core and a rank process: ~30 s on two cores
 
