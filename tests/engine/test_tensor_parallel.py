@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine import EngineConfig, SamplingParams
 from engine.async_engine import AsyncEngine
@@ -25,6 +26,8 @@ from tests.helpers.tiny_models import make_tiny_model
 # Mixed lengths, a shared prefix (prefix-cache hit) and a prompt longer than one step's budget (chunked).
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 120)), [5, 6, 7, 8, 9, 10] * 3 + [40, 41]]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+# The driver's other sampling paths: a penalty (reads the outputs on the host) and logprobs.
+PENALISED = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, repetition_penalty=1.3, logprobs=2)
 
 
 def _config(model: Path, tp: int, **overrides: object) -> EngineConfig:
@@ -34,9 +37,14 @@ def _config(model: Path, tp: int, **overrides: object) -> EngineConfig:
 
 
 def _greedy_tokens(config: EngineConfig) -> list[list[int]]:
+    return [tokens for tokens, _ in _greedy_outputs(config)]
+
+
+def _greedy_outputs(config: EngineConfig) -> list[tuple[list[int], list[dict[int, float]] | None]]:
     engine = LLMEngine(config)
     try:
-        return [out.token_ids for out in engine.generate(PROMPTS, GREEDY)]
+        outputs = engine.generate(PROMPTS, [GREEDY] * (len(PROMPTS) - 1) + [PENALISED])
+        return [(out.token_ids, out.logprobs) for out in outputs]
     finally:
         engine.shutdown()
 
@@ -53,9 +61,14 @@ def _greedy_tokens(config: EngineConfig) -> list[list[int]]:
 def test_greedy_tokens_equal_one_rank(tiny_model_dirs: dict[str, Path], arch: str, tp: int) -> None:
     """The tiny models have 4 heads and 2 KV heads: at TP=4 each KV head is replicated on two ranks."""
     model = tiny_model_dirs[arch]
-    expected = _greedy_tokens(_config(model, 1))
-    assert len({tuple(t) for t in expected}) > 1, "the prompts should not all give the same tokens"
-    assert _greedy_tokens(_config(model, tp)) == expected
+    expected = _greedy_outputs(_config(model, 1))
+    assert len({tuple(t) for t, _ in expected}) > 1, "the prompts should not all give the same tokens"
+    got = _greedy_outputs(_config(model, tp))
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    want_logprobs, got_logprobs = expected[-1][1], got[-1][1]
+    assert want_logprobs is not None and got_logprobs is not None and len(got_logprobs) == GREEDY.max_tokens
+    for want, have in zip(want_logprobs, got_logprobs, strict=True):
+        assert want.keys() == have.keys() and all(abs(want[k] - have[k]) < 1e-4 for k in want)
 
 
 def test_one_kv_head_and_a_vocabulary_the_ranks_do_not_divide(tmp_path: Path) -> None:
@@ -147,3 +160,52 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_each_rank_loads_its_shard_of_a_gguf(tiny_model_dirs: dict[str, Path], tmp_path: Path, tp: int) -> None:
+    """Every rank's parameters are its slice of the whole model's, loaded from a GGUF (llama.cpp's q/k
+    row order undone first); no process group is needed to load."""
+    from transformers import AutoConfig
+
+    from engine.distributed import TPInfo
+    from engine.gguf_weights import gguf_tensors, tensor_index
+    from engine.loader import load_weights
+    from engine.models import LlamaForCausalLM
+    from tests.engine.test_gguf import write_gguf
+
+    model_dir = tiny_model_dirs["llama"]
+    path = write_gguf(model_dir, tmp_path / "llama.gguf", "llama")
+    hf_config = AutoConfig.from_pretrained(model_dir)
+
+    def load(tp_info: TPInfo) -> dict[str, torch.Tensor]:
+        model = LlamaForCausalLM.from_hf_config(hf_config, tp_info)
+        load_weights(model, gguf_tensors(path, hf_config, tensor_index(path)))
+        return dict(model.named_parameters())
+
+    whole = load(TPInfo())
+    cfg = LlamaForCausalLM.from_hf_config(hf_config).config
+    d, q, kv, inter = cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    for rank in range(tp):
+        shard = load(TPInfo(rank, tp))
+        first_kv = rank * cfg.num_kv_heads // tp
+        num_kv = max(1, cfg.num_kv_heads // tp)
+        for name, param in shard.items():
+            full = whole[name]
+            if "qkv_proj" in name:
+                q_rows = full[:q].chunk(tp)[rank]
+                k_rows = full[q + first_kv * d:q + (first_kv + num_kv) * d]
+                v_rows = full[q + kv + first_kv * d:q + kv + (first_kv + num_kv) * d]
+                expected = torch.cat([q_rows, k_rows, v_rows])
+            elif "gate_up_proj" in name:
+                expected = torch.cat([full[:inter].chunk(tp)[rank], full[inter:].chunk(tp)[rank]])
+            elif "o_proj" in name or "down_proj" in name:
+                expected = full.chunk(tp, dim=1)[rank]
+            elif "embed_tokens" in name or "lm_head" in name:
+                per_rank = -(-cfg.vocab_size // tp)
+                expected = torch.zeros_like(param)
+                rows = full[rank * per_rank:(rank + 1) * per_rank]
+                expected[:len(rows)] = rows
+            else:
+                expected = full
+            assert torch.equal(param, expected), (rank, name)
