@@ -71,6 +71,7 @@ def test_greedy_tokens_equal_one_rank(tiny_model_dirs: dict[str, Path], arch: st
         assert want.keys() == have.keys() and all(abs(want[k] - have[k]) < 1e-4 for k in want)
 
 
+@pytest.mark.reliability
 def test_one_kv_head_and_a_vocabulary_the_ranks_do_not_divide(tmp_path: Path) -> None:
     """MQA (one KV head on 4 ranks) and 322 ids over 4 ranks (81 each, the last 2 rows padding)."""
     model = make_tiny_model("llama", tmp_path / "mqa", num_key_value_heads=1, vocab_size=322)
