@@ -1,6 +1,7 @@
 """`python -m api_client "question"`: submit one chat job and print its completion (or stream its tokens), or
 `--status JOB_ID`. The text goes to stdout, the finish reason and usage line to stderr; `--json` prints
-events as JSON lines instead.
+events as JSON lines instead. `--batch FILE.jsonl` runs an OpenAI Batch API input file (its lines in the
+batch lane) and writes the output file's lines to stdout (or --output), the error file's to --errors.
 
 Exit status: 0 on done (or a known job's status), 1 on an error event, 2 on bad arguments or a timeout,
 3 when Redis cannot be reached or refuses the connection, 4 when the job is unknown or was lost."""
@@ -17,11 +18,12 @@ from typing import Any
 import redis
 
 from api_client.client import DEFAULT_REDIS_URL, Client, JobFailed, JobLost
-from api_client.keys import DEFAULT_PREFIX
+from api_client.keys import DEFAULT_PREFIX, LANES
 from api_client.schema import DoneEvent, ErrorEvent, JobError, TokenEvent, dump_event
 
 EXIT_DONE, EXIT_ERROR_EVENT, EXIT_USAGE, EXIT_REDIS, EXIT_LOST = 0, 1, 2, 3, 4
 DEFAULT_TEMPERATURE = 0.2
+ENDPOINT_NAMES = ("/v1/chat/completions", "/v1/completions")  # api_client.batches.ENDPOINTS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +41,14 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"0 means greedy (default {DEFAULT_TEMPERATURE}: a small instruct model rambles when hotter)")
     p.add_argument("--seed", type=int, help="seed of the sampling (reproducible output)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeat for several)")
-    p.add_argument("--priority", type=int, default=0, help="lower runs first under the priority policy (default 0)")
+    p.add_argument("--priority", type=int, default=0,
+                   help="lower runs first within its lane under the priority policy (default 0)")
+    p.add_argument("--lane", choices=LANES, help="priority class: interactive (default) or batch")
+    p.add_argument("--batch", metavar="FILE.jsonl", help="run an OpenAI Batch API input file and print its output")
+    p.add_argument("--endpoint", default="/v1/chat/completions", choices=sorted(ENDPOINT_NAMES),
+                   help="with --batch: the endpoint of every line (default /v1/chat/completions)")
+    p.add_argument("--output", metavar="PATH", help="with --batch: write the output file here (default stdout)")
+    p.add_argument("--errors", metavar="PATH", help="with --batch: write the error file here (default stderr)")
     p.add_argument("--redis-url", default=os.environ.get("TOKENRELAY_REDIS_URL", DEFAULT_REDIS_URL),
                    help="Redis URL (env TOKENRELAY_REDIS_URL)")
     p.add_argument("--prefix", default=os.environ.get("TOKENRELAY_PREFIX", DEFAULT_PREFIX),
@@ -74,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Client(args.redis_url, prefix=args.prefix) as client:
             if args.status is not None:
                 return _print_status(client, args.status, as_json=args.json)
+            if args.batch is not None:
+                return _run_batch(client, args)
             return _generate(client, args, messages, params)
     except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError) as exc:
         print(f"error: cannot reach Redis at {_redact(args.redis_url)}: {_first_line(exc)} (set --redis-url "
@@ -92,7 +103,8 @@ def _print_status(client: Client, job_id: str, *, as_json: bool) -> int:
 
 def _generate(client: Client, args: argparse.Namespace, messages: list[Any] | None, params: dict[str, Any]) -> int:
     try:
-        job_id = client.submit(args.prompt, messages=messages, job_id=args.job_id, priority=args.priority, **params)
+        job_id = client.submit(args.prompt, messages=messages, job_id=args.job_id, priority=args.priority,
+                               lane=args.lane, **params)
     except JobError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
@@ -124,6 +136,37 @@ def _generate(client: Client, args: argparse.Namespace, messages: list[Any] | No
         print(f"{_newline(streamed_text)}error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_DONE
+
+
+def _run_batch(client: Client, args: argparse.Namespace) -> int:
+    from api_client.batches import BatchApiError
+
+    try:
+        batch = client.submit_batch(args.batch, endpoint=args.endpoint)
+        print(f"batch {batch['id']}: {batch['request_counts']['total']} requests queued in the batch lane",
+              file=sys.stderr)
+        batch = client.wait_batch(batch["id"], timeout=args.timeout)
+    except (BatchApiError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for file_key, path, stream in (("output_file_id", args.output, sys.stdout), ("error_file_id", args.errors,
+                                                                               sys.stderr)):
+        if batch.get(file_key) is None:
+            continue
+        content = client.file_content(batch[file_key])
+        if path is not None:
+            with open(path, "wb") as f:
+                f.write(content)
+        else:
+            stream.write(content.decode())
+            stream.flush()
+    counts = batch["request_counts"]
+    print(f"status={batch['status']} completed={counts['completed']} failed={counts['failed']} "
+          f"batch_id={batch['id']}", file=sys.stderr)
+    return EXIT_DONE if batch["status"] == "completed" and not counts["failed"] else EXIT_ERROR_EVENT
 
 
 def _newline(streamed_text: bool) -> str:

@@ -31,10 +31,11 @@ from api_client.client import (
     event_from_fields,
     reconnect_delay_s,
     stream_entries,
+    submit_keys,
     submitted,
     with_id,
 )
-from api_client.keys import Keys
+from api_client.keys import LANES, Keys
 from api_client.schema import Completion, Job, Message
 from api_client.status import (
     STATUS_SCRIPT,
@@ -71,25 +72,32 @@ class AsyncClient:
                      messages: Sequence[Mapping[str, Any] | Message] | None = None,
                      prompt_token_ids: Sequence[int] | None = None, job_id: str | None = None,
                      priority: int = 0, deadline_ms: int | None = None, result_ttl_s: int | None = None,
-                     **params: Any) -> Submitted:
-        """Validate and enqueue one job; returns its id. Extra keyword arguments are sampling params.
-        An id that already names a job is not queued again (`.replayed` on the returned id)."""
+                     lane: str | None = None, **params: Any) -> Submitted:
+        """Validate and enqueue one job; returns its id. Extra keyword arguments are sampling params;
+        `lane` and `priority` as in Client.submit. An id that already names a job is not queued again."""
         job = build_job(prompt, messages=messages, prompt_token_ids=prompt_token_ids, job_id=job_id,
-                        priority=priority, deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, params=params)
+                        priority=priority, deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, params=params,
+                        lane=lane)
         return await self.submit_job(job)
 
     async def submit_job(self, job: Job) -> Submitted:
         """Enqueue an already built Job (an id is made if it has none) with its marker; returns its id."""
         job = with_id(job)
         assert job.id is not None
-        reply = await self._submit_script(keys=[self.keys.result(job.id), self.keys.job(job.id), self.keys.jobs],
+        reply = await self._submit_script(keys=submit_keys(self.keys, job),
                                           args=[job.to_json(), marker_ttl_s(job.result_ttl_s)])
         return submitted(job.id, reply)
 
     async def status(self, job_id: str) -> JobStatus:
-        """Where the job is now: unknown, queued, running, done or error (api_client/status.py)."""
-        keys, args = status_args(self.keys, job_id)
-        return status_from_reply(job_id, await self._status_script(keys=keys, args=args))
+        """Where the job is now, as Client.status finds it."""
+        status = None
+        for lane in LANES:
+            keys, args = status_args(self.keys, job_id, lane)
+            status = status_from_reply(job_id, await self._status_script(keys=keys, args=args))
+            if status.state != "unknown":
+                break
+        assert status is not None
+        return status
 
     async def stream(self, job_id: str, timeout: float | None = None) -> AsyncIterator[EventT]:
         """Yield the job's events in order, ending after its done/error event; resumes after the last

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 TASK_NAME = "tokenrelay.generate"
 DEFAULT_QUEUE = "tokenrelay"
 # The job fields a task's kwargs may carry: a Job without `id` (the Celery task id is the job id).
-JOB_KWARGS = ("prompt", "messages", "prompt_token_ids", "params", "priority", "deadline_ms", "result_ttl_s")
+JOB_KWARGS = ("prompt", "messages", "prompt_token_ids", "params", "priority", "deadline_ms", "result_ttl_s",
+              "lane")
 # No pickle anywhere: a broker message must never be able to run code in the worker.
 JSON_ONLY: dict[str, Any] = {
     "task_serializer": "json",
@@ -60,13 +61,13 @@ def celery_config(broker_url: str, result_backend: str | None = None) -> dict[st
 
 def job_kwargs(prompt: str | None = None, *, messages: Sequence[Mapping[str, Any] | Message] | None = None,
                prompt_token_ids: Sequence[int] | None = None, priority: int = 0,
-               deadline_ms: int | None = None, result_ttl_s: int | None = None,
+               deadline_ms: int | None = None, result_ttl_s: int | None = None, lane: str | None = None,
                **params: Any) -> dict[str, Any]:
     """The task kwargs of one job, validated by the wire schema (JobError naming the bad field)."""
     if isinstance(params.get("stop"), str):  # as Client.submit: one stop string is a list of one
         params["stop"] = [params["stop"]]
     fields: dict[str, Any] = {"prompt": prompt, "priority": priority, "params": params,
-                              "deadline_ms": deadline_ms, "result_ttl_s": result_ttl_s,
+                              "deadline_ms": deadline_ms, "result_ttl_s": result_ttl_s, "lane": lane,
                               "messages": None if messages is None else [
                                   m.model_dump() if isinstance(m, Message) else dict(m) for m in messages],
                               "prompt_token_ids": None if prompt_token_ids is None else list(prompt_token_ids)}
@@ -89,25 +90,25 @@ def job_from_kwargs(kwargs: Mapping[str, Any], job_id: str | None = None) -> Job
 def generate_signature(app: Celery, prompt: str | None = None, *,
                        messages: Sequence[Mapping[str, Any] | Message] | None = None,
                        prompt_token_ids: Sequence[int] | None = None, priority: int = 0,
-                       deadline_ms: int | None = None, result_ttl_s: int | None = None,
+                       deadline_ms: int | None = None, result_ttl_s: int | None = None, lane: str | None = None,
                        job_id: str | None = None, queue: str = DEFAULT_QUEUE, **params: Any) -> Signature:
     """A validated `tokenrelay.generate` signature (for chains, groups, or `.apply_async()`).
     Extra keyword arguments are sampling params; `job_id` becomes the task id (default: Celery's uuid)."""
     kwargs = job_kwargs(prompt, messages=messages, prompt_token_ids=prompt_token_ids, priority=priority,
-                        deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, **params)
+                        deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, lane=lane, **params)
     return app.signature(TASK_NAME, kwargs=kwargs, **_options(queue, job_id))
 
 
 def send_generate(app: Celery, prompt: str | None = None, *,
                   messages: Sequence[Mapping[str, Any] | Message] | None = None,
                   prompt_token_ids: Sequence[int] | None = None, priority: int = 0,
-                  deadline_ms: int | None = None, result_ttl_s: int | None = None,
+                  deadline_ms: int | None = None, result_ttl_s: int | None = None, lane: str | None = None,
                   job_id: str | None = None, queue: str = DEFAULT_QUEUE, **params: Any) -> AsyncResult:
     """Validate and send one job as a `tokenrelay.generate` task. `AsyncResult.get()` returns the
     completion dict {"text", "token_ids", "finish_reason", "usage"} (see `completion_from_result`) or
     raises GenerationFailed; `Client.stream(result.id)` yields its tokens as they are generated."""
     kwargs = job_kwargs(prompt, messages=messages, prompt_token_ids=prompt_token_ids, priority=priority,
-                        deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, **params)
+                        deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, lane=lane, **params)
     return app.send_task(TASK_NAME, kwargs=kwargs, **_options(queue, job_id))
 
 

@@ -7,16 +7,17 @@ JobFailed / JobLost, Submitted."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import redis
 from pydantic import ValidationError
 
-from api_client.keys import EVENT_FIELD, Keys
+from api_client.keys import DEFAULT_LANE, EVENT_FIELD, LANES, Keys
 from api_client.schema import (
     Completion,
     DoneEvent,
@@ -96,7 +97,8 @@ def submitted(job_id: str, reply: Any) -> Submitted:
 
 def build_job(prompt: str | None, *, messages: Sequence[Mapping[str, Any] | Message] | None,
               prompt_token_ids: Sequence[int] | None, job_id: str | None, priority: int,
-              deadline_ms: int | None, result_ttl_s: int | None, params: dict[str, Any]) -> Job:
+              deadline_ms: int | None, result_ttl_s: int | None, params: dict[str, Any],
+              lane: str | None = None) -> Job:
     """Validate submit() arguments into a Job (with a fresh uuid4 hex id when none is given).
     Raises JobError (a ValueError) naming the bad field."""
     if isinstance(params.get("stop"), str):  # the engine's convenience, kept for Python callers
@@ -106,7 +108,7 @@ def build_job(prompt: str | None, *, messages: Sequence[Mapping[str, Any] | Mess
             params[name] = list(params[name])
     fields: dict[str, Any] = {"id": job_id if job_id is not None else uuid.uuid4().hex,
                               "priority": priority, "params": params}
-    optional = {"prompt": prompt, "deadline_ms": deadline_ms, "result_ttl_s": result_ttl_s,
+    optional = {"prompt": prompt, "deadline_ms": deadline_ms, "result_ttl_s": result_ttl_s, "lane": lane,
                 "messages": None if messages is None else [
                     m if isinstance(m, Message) else dict(m) for m in messages],
                 "prompt_token_ids": None if prompt_token_ids is None else list(prompt_token_ids)}
@@ -115,6 +117,12 @@ def build_job(prompt: str | None, *, messages: Sequence[Mapping[str, Any] | Mess
         return Job.model_validate(fields)
     except ValidationError as exc:
         raise JobError("invalid_request", validation_message(exc), job_id) from None
+
+
+def submit_keys(keys: Keys, job: Job) -> list[str]:
+    """KEYS of SUBMIT_SCRIPT for one job (with an id): result, marker, its lane's stream."""
+    assert job.id is not None
+    return [keys.result(job.id), keys.job(job.id), keys.lane_jobs(job.lane or DEFAULT_LANE)]
 
 
 def as_str(value: bytes | str) -> str:
@@ -224,28 +232,76 @@ class Client:
         self.redis = redis
         self._submit_script = redis.register_script(SUBMIT_SCRIPT)
         self._status_script = redis.register_script(STATUS_SCRIPT)
+        self._batches: Any = None  # api_client.batches.BatchStore, made on first use
 
     def submit(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any] | Message] | None = None,
                prompt_token_ids: Sequence[int] | None = None, job_id: str | None = None, priority: int = 0,
-               deadline_ms: int | None = None, result_ttl_s: int | None = None, **params: Any) -> Submitted:
+               deadline_ms: int | None = None, result_ttl_s: int | None = None, lane: str | None = None,
+               **params: Any) -> Submitted:
         """Validate and enqueue one job; returns its id. Extra keyword arguments are sampling params.
-        An id that already names a job is not queued again (`.replayed` on the returned id)."""
+        `lane` ("interactive", the default, or "batch") picks the priority class; `priority` orders
+        jobs within it. An id that already names a job is not queued again (`.replayed` on the id)."""
         job = build_job(prompt, messages=messages, prompt_token_ids=prompt_token_ids, job_id=job_id,
-                        priority=priority, deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, params=params)
+                        priority=priority, deadline_ms=deadline_ms, result_ttl_s=result_ttl_s, params=params,
+                        lane=lane)
         return self.submit_job(job)
 
     def submit_job(self, job: Job) -> Submitted:
         """Enqueue an already built Job (an id is made if it has none) with its marker; returns its id."""
         job = with_id(job)
         assert job.id is not None
-        reply = self._submit_script(keys=[self.keys.result(job.id), self.keys.job(job.id), self.keys.jobs],
-                                    args=[job.to_json(), marker_ttl_s(job.result_ttl_s)])
+        reply = self._submit_script(keys=submit_keys(self.keys, job), args=[job.to_json(), marker_ttl_s(job.result_ttl_s)])
         return submitted(job.id, reply)
 
+    # ---- the OpenAI Batch API without HTTP (api_client/batches.py) -------------------------------
+    def submit_batch(self, requests: str | os.PathLike[str] | Iterable[str | bytes | dict[str, Any]], *,
+                     endpoint: str = "/v1/chat/completions", completion_window: str = "24h",
+                     metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        """Queue a batch as POST /v1/files + POST /v1/batches would: `requests` is a JSONL file's path or
+        its lines ({custom_id, method, url, body} objects or JSON strings). Returns the batch object;
+        `wait_batch` collects it (so does any gateway on the same Redis and prefix)."""
+        from api_client.batches import read_jsonl
+
+        if isinstance(requests, (str, os.PathLike)):
+            with open(requests, "rb") as f:
+                content, filename = f.read(), os.path.basename(requests)
+        else:
+            content, filename = read_jsonl(requests), "input.jsonl"
+        store = self._batch_store()
+        input_file = store.create_file(content, str(filename), "batch")
+        return store.create_batch(input_file["id"], endpoint, completion_window, metadata)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """The batch object (status, request_counts, output_file_id, error_file_id, ...)."""
+        return self._batch_store().batch(batch_id)
+
+    def wait_batch(self, batch_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Collect the batch's results here until it is final (a gateway collecting it meanwhile is fine:
+        a lock lets one collector work at a time); TimeoutError after `timeout` seconds."""
+        return self._batch_store().wait(batch_id, f"client-{uuid.uuid4().hex}", timeout)
+
+    def file_content(self, file_id: str) -> bytes:
+        """A batch's input, output or error file."""
+        return self._batch_store().file_content(file_id)
+
+    def _batch_store(self) -> Any:
+        from api_client.batches import BatchStore  # the request models it uses import this module
+
+        if self._batches is None:
+            self._batches = BatchStore(self.redis, self.keys)
+        return self._batches
+
     def status(self, job_id: str) -> JobStatus:
-        """Where the job is now: unknown, queued, running, done or error (api_client/status.py)."""
-        keys, args = status_args(self.keys, job_id)
-        return status_from_reply(job_id, self._status_script(keys=keys, args=args))
+        """Where the job is now: unknown, queued, running, done or error (api_client/status.py); each
+        lane's stream is asked in turn (a job is in one), the first answer that knows the job wins."""
+        status = None
+        for lane in LANES:
+            keys, args = status_args(self.keys, job_id, lane)
+            status = status_from_reply(job_id, self._status_script(keys=keys, args=args))
+            if status.state != "unknown":
+                break
+        assert status is not None
+        return status
 
     def stream(self, job_id: str, timeout: float | None = None) -> Iterator[EventT]:
         """Yield the job's events in order, ending after its done/error event. Survives dropped

@@ -17,6 +17,20 @@ REASON_FIELD = "reason"  # a short human-readable reason
 PROTOCOL_VERSION = 1
 DEFAULT_PREFIX = "tokenrelay"
 
+# Priority lanes (protocol v1.1), highest first: a worker fills free slots from the first lane and takes
+# from the next only with room left. Each lane is its own stream; the first is {p}:jobs, so a v1
+# producer (which knows no lanes) sends interactive work.
+LANES = ("interactive", "batch")
+DEFAULT_LANE = LANES[0]
+
+
+def lane_rank(lane: str) -> int:
+    """0 for the highest lane; ValueError naming the lanes for an unknown one."""
+    try:
+        return LANES.index(lane)
+    except ValueError:
+        raise ValueError(f"unknown lane {lane!r}: use one of {', '.join(LANES)}") from None
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -34,6 +48,16 @@ class Keys:
     def jobs(self) -> str:
         """Stream of jobs, field `job`."""
         return f"{self.prefix}:jobs"
+
+    def lane_jobs(self, lane: str = DEFAULT_LANE) -> str:
+        """The job stream of one lane: {p}:jobs for the default lane, {p}:jobs:{lane} for the others."""
+        lane_rank(lane)
+        return self.jobs if lane == DEFAULT_LANE else f"{self.jobs}:{lane}"
+
+    @property
+    def lane_streams(self) -> dict[str, str]:
+        """Lane -> job stream, highest lane first."""
+        return {lane: self.lane_jobs(lane) for lane in LANES}
 
     @property
     def group(self) -> str:
@@ -67,6 +91,37 @@ class Keys:
         """Sorted set: each live worker's consumer name, scored by its heartbeat's expiry (epoch ms), so
         a reader (the gateway) finds the live workers without scanning the keyspace."""
         return f"{self.prefix}:heartbeats"
+
+    # ---- the gateway's OpenAI Batch API (api_client/gateway/batches.py) --------------------------
+    def file(self, file_id: str) -> str:
+        """Hash: an uploaded or produced file (metadata fields and `content`), with a TTL."""
+        return f"{self.prefix}:file:{file_id}"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: one batch's state (the OpenAI batch object's fields, JSON-encoded)."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_lines(self, batch_id: str) -> str:
+        """Hash: line number -> {custom_id, job_id} (or the line's validation error) of one batch."""
+        return f"{self.prefix}:batch:{batch_id}:lines"
+
+    def batch_results(self, batch_id: str) -> str:
+        """Hash: line number -> that line's output or error file line, once its jobs are final."""
+        return f"{self.prefix}:batch:{batch_id}:results"
+
+    def batch_lock(self, batch_id: str) -> str:
+        """String with a TTL: the gateway replica collecting this batch's results (its lease)."""
+        return f"{self.prefix}:batch:{batch_id}:lock"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set: batch ids by creation time (ms), for GET /v1/batches."""
+        return f"{self.prefix}:batches"
+
+    @property
+    def batches_open(self) -> str:
+        """Set: the batches not in a final state yet, that some gateway must collect."""
+        return f"{self.prefix}:batches:open"
 
     @property
     def heartbeat_pattern(self) -> str:

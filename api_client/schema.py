@@ -136,7 +136,10 @@ class Job(BaseModel):
     messages: list[Message] | None = Field(default=None, min_length=1)
     prompt_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
     params: Params = Field(default_factory=Params)
-    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)  # lower runs first
+    # The priority class (protocol v1.1): names the stream the job is queued on (api_client.keys.LANES);
+    # unset means interactive, the {p}:jobs lane. The worker schedules by the stream it read the job from.
+    lane: Literal["interactive", "batch"] | None = None
+    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)  # lower runs first, within a lane
     deadline_ms: int | None = Field(default=None, ge=0, le=2**63 - 1)  # epoch milliseconds
     result_ttl_s: int | None = Field(default=None, ge=1, le=MAX_RESULT_TTL_S)
     # Who sent it, for accounting and logs; the worker does not act on them.

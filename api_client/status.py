@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from api_client.keys import EVENT_FIELD, JOB_FIELD, Keys
+from api_client.keys import DEFAULT_LANE, EVENT_FIELD, JOB_FIELD, Keys
 from api_client.schema import DoneEvent, ErrorEvent, TokenEvent, parse_event
 
 JobState = Literal["unknown", "queued", "running", "done", "error"]
@@ -116,8 +116,9 @@ class JobStatus:
         return " ".join([self.state, *(f"{k}={v}" for k, v in details.items() if v is not None)])
 
 
-def status_args(keys: Keys, job_id: str) -> tuple[list[str], list[str]]:
-    return [keys.job(job_id), keys.result(job_id), keys.jobs, keys.cancel(job_id)], [keys.group, job_id]
+def status_args(keys: Keys, job_id: str, lane: str = DEFAULT_LANE) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of STATUS_SCRIPT, looking for the job's entry in `lane`'s stream."""
+    return [keys.job(job_id), keys.result(job_id), keys.lane_jobs(lane), keys.cancel(job_id)], [keys.group, job_id]
 
 
 def status_from_reply(job_id: str, reply: list[Any]) -> JobStatus:

@@ -67,6 +67,7 @@ class EngineFrontend(abc.ABC):
         messages: list[dict[str, str]] | None = None,
         params: SamplingParams | None = None,
         priority: int = 0,
+        lane_rank: int = 0,
         resume_token_ids: list[int] | None = None,
         on_output: OutputCallback,
     ) -> None:
@@ -75,7 +76,7 @@ class EngineFrontend(abc.ABC):
             raise RuntimeError(f"the engine loop has died: {self.error!r}")
         request = self.inputs.make_request(
             request_id, prompt, prompt_token_ids=prompt_token_ids, messages=messages, params=params,
-            priority=priority, resume_token_ids=resume_token_ids)
+            priority=priority, lane_rank=lane_rank, resume_token_ids=resume_token_ids)
         processor = self.output_processor
         try:
             with processor.lock:
@@ -101,6 +102,7 @@ class EngineFrontend(abc.ABC):
         messages: list[dict[str, str]] | None = None,
         params: SamplingParams | None = None,
         priority: int = 0,
+        lane_rank: int = 0,
         resume_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's deltas as the core produces them; the last one has finish_reason."""
@@ -111,8 +113,8 @@ class EngineFrontend(abc.ABC):
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         self.submit(request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
-                    params=params, priority=priority, resume_token_ids=resume_token_ids,
-                    on_output=deliver)
+                    params=params, priority=priority, lane_rank=lane_rank,
+                    resume_token_ids=resume_token_ids, on_output=deliver)
         finished = False
         try:
             while not finished:

@@ -61,6 +61,7 @@ class InputProcessor:
         messages: list[dict[str, str]] | None = None,
         params: SamplingParams | None = None,
         priority: int = 0,
+        lane_rank: int = 0,
         resume_token_ids: list[int] | None = None,
     ) -> Request:
         """Validate and tokenize: safe to call from any thread."""
@@ -86,5 +87,5 @@ class InputProcessor:
             with self._seed_lock:
                 seed = self._seed_rng.getrandbits(31)
         return Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
-                       eos_token_ids=self.eos_token_ids, priority=priority, seed=seed,
-                       output_token_ids=resumed)
+                       eos_token_ids=self.eos_token_ids, priority=priority, lane_rank=lane_rank,
+                       seed=seed, output_token_ids=resumed)

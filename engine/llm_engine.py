@@ -74,12 +74,13 @@ class LLMEngine:
         messages: list[dict[str, str]] | None = None,
         params: SamplingParams | None = None,
         priority: int = 0,
+        lane_rank: int = 0,
         resume_token_ids: list[int] | None = None,
     ) -> Request:
         """Validate and tokenize without touching the scheduler."""
         return self.inputs.make_request(request_id, prompt, prompt_token_ids=prompt_token_ids,
                                         messages=messages, params=params, priority=priority,
-                                        resume_token_ids=resume_token_ids)
+                                        lane_rank=lane_rank, resume_token_ids=resume_token_ids)
 
     def add(self, request: Request, *, stream: bool = True) -> None:
         """Hand a validated request to the core; ValueError when it can never run.
@@ -106,12 +107,13 @@ class LLMEngine:
         messages: list[dict[str, str]] | None = None,
         params: SamplingParams | None = None,
         priority: int = 0,
+        lane_rank: int = 0,
         resume_token_ids: list[int] | None = None,
         stream: bool = True,
     ) -> None:
         self.add(self.make_request(request_id, prompt, prompt_token_ids=prompt_token_ids,
                                    messages=messages, params=params, priority=priority,
-                                   resume_token_ids=resume_token_ids), stream=stream)
+                                   lane_rank=lane_rank, resume_token_ids=resume_token_ids), stream=stream)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; the next step() reports it with finish_reason "abort"."""

@@ -34,6 +34,9 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()  # from the checkpoint; ignored when params.ignore_eos
     priority: int = 0  # lower runs first (policy "priority")
+    # The job's lane (api_client.keys.LANES index; 0 = interactive): ranks above priority in every
+    # policy, and a request of a higher lane may preempt a running one of a lower lane.
+    lane_rank: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     seed: int = 0  # resolved seed: params.seed, or one the engine drew for an unseeded request
     # Tokens generated so far. Non-empty at construction when a job is resumed (another worker died):
@@ -90,14 +93,15 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, tag=0, gc=False):
     priority: int
     seed: int
     output_token_ids: list[int]
+    lane_rank: int = 0
 
     @classmethod
     def from_request(cls, r: Request) -> EngineCoreRequest:
         return cls(r.request_id, r.prompt_token_ids, r.sampling_params, sorted(r.eos_token_ids), r.priority,
-                   r.seed, r.output_token_ids)
+                   r.seed, r.output_token_ids, r.lane_rank)
 
     def to_request(self) -> Request:
         return Request(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
                        sampling_params=self.sampling_params,
                        eos_token_ids=frozenset(self.eos_token_ids), priority=self.priority, seed=self.seed,
-                       output_token_ids=self.output_token_ids)
+                       output_token_ids=self.output_token_ids, lane_rank=self.lane_rank)

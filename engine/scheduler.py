@@ -21,15 +21,16 @@ logger = logging.getLogger(__name__)
 
 
 class WaitingQueue:
-    """Requests waiting for admission: arrival order (fcfs) or (priority, arrival) order (priority).
+    """Requests waiting for admission, the highest lane (lowest lane_rank) first; within a lane arrival
+    order (fcfs) or (priority, arrival) order (priority).
 
     Removal (an abort) is lazy, so aborting many waiting requests stays linear: a removed entry is
     skipped when it reaches the head."""
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
-        self._fifo: deque[Request] = deque()
-        self._heap: list[tuple[int, float, int, Request]] = []
+        self._fifos: dict[int, deque[Request]] = {}  # fcfs: one per lane rank
+        self._heap: list[tuple[int, int, float, int, Request]] = []
         self._live: dict[str, Request] = {}
         self._counter = itertools.count()
 
@@ -40,24 +41,32 @@ class WaitingQueue:
         return self._live.get(request.request_id) is request
 
     def push(self, request: Request, front: bool = False) -> None:
-        """Enqueue; `front` (a preempted request under fcfs) puts it ahead of everyone."""
+        """Enqueue; `front` (a preempted request under fcfs) puts it ahead of its lane."""
         self._live[request.request_id] = request
         if self.policy == "priority":
-            entry = (request.priority, request.arrival_time, next(self._counter), request)
+            entry = (request.lane_rank, request.priority, request.arrival_time, next(self._counter), request)
             heapq.heappush(self._heap, entry)
-        elif front:
-            self._fifo.appendleft(request)
+            return
+        fifo = self._fifos.get(request.lane_rank)
+        if fifo is None:
+            fifo = self._fifos[request.lane_rank] = deque()
+            self._fifos = dict(sorted(self._fifos.items()))  # lanes in rank order; a new lane is rare
+        if front:
+            fifo.appendleft(request)
         else:
-            self._fifo.append(request)
+            fifo.append(request)
 
     def peek(self) -> Request | None:
         if self.policy == "priority":
-            while self._heap and self._heap[0][3] not in self:
+            while self._heap and self._heap[0][4] not in self:
                 heapq.heappop(self._heap)
-            return self._heap[0][3] if self._heap else None
-        while self._fifo and self._fifo[0] not in self:
-            self._fifo.popleft()
-        return self._fifo[0] if self._fifo else None
+            return self._heap[0][4] if self._heap else None
+        for fifo in self._fifos.values():
+            while fifo and fifo[0] not in self:
+                fifo.popleft()
+            if fifo:
+                return fifo[0]
+        return None
 
     def pop(self) -> Request:
         request = self.peek()
@@ -65,7 +74,7 @@ class WaitingQueue:
         if self.policy == "priority":
             heapq.heappop(self._heap)
         else:
-            self._fifo.popleft()
+            self._fifos[request.lane_rank].popleft()
         del self._live[request.request_id]
         return request
 
@@ -244,19 +253,32 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
-        """Admit waiting (new or preempted) requests in queue order while budget, seats and blocks last."""
+        """Admit waiting (new or preempted) requests in queue order while budget, seats and blocks last.
+
+        A head of a higher lane takes the seat (or the blocks) of a running request of a lower lane:
+        interactive work preempts batch work, which is recomputed when it gets back in."""
         kv = self.kv_cache_manager
-        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while budget > 0:
             request = self.waiting.peek()
             if request is None:
                 break
+            if len(self.running) >= self.config.max_num_seqs:
+                freed = self._preempt_lower_lane(request, output)
+                if freed is None:
+                    break
+                budget += freed
+                continue
             assert request.num_computed_tokens == 0, "waiting requests hold no KV"
             computed_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
             # Others waiting behind it: cap a long prompt's chunk so they get in beside it.
             cap = budget if len(self.waiting) == 1 else self.long_prefill_token_threshold
             num_new_tokens = min(request.num_tokens - num_hit_tokens, budget, cap)
             if kv.allocate_slots(request, num_new_tokens, computed_block_ids) is None:
-                break  # the head does not fit: admitting those behind it would starve it
+                freed = self._preempt_lower_lane(request, output)
+                if freed is None:
+                    break  # the head does not fit: admitting those behind it would starve it
+                budget += freed
+                continue
             self.waiting.pop()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -285,6 +307,8 @@ class Scheduler:
         if self._ahead_blocked:
             return False
         head = self.waiting.peek()
+        if head is not None and self._outranked(head) is not None and self._admission_allowed():
+            return False  # it takes a lower lane's seat: a preemption, which needs schedule()
         if (head is not None and len(self.running) < self.config.max_num_seqs and self._admission_allowed()
                 and self.kv_cache_manager.num_free_blocks * self.block_size > head.num_tokens):
             return False  # (a head that cannot get its blocks waits either way: no reason to stop)
@@ -313,11 +337,30 @@ class Scheduler:
         return max_waiting_steps is not None and self._num_steps_since_admission >= max_waiting_steps
 
     def _pick_victim(self) -> Request:
+        """The lowest lane first; within it the lowest priority (largest value, policy priority) and
+        the newest among equals. The list is in admission order and max() keeps the first maximum of
+        the reversed list, so the last of equals wins the tie on arrival_time too."""
         if self.config.scheduling_policy == "priority":
-            # Lowest priority (largest value), newest among equals; the list is in admission order,
-            # so the last of equals wins the tie on arrival_time too.
-            return max(reversed(self.running), key=lambda r: (r.priority, r.arrival_time))
-        return self.running[-1]
+            return max(reversed(self.running), key=lambda r: (r.lane_rank, r.priority, r.arrival_time))
+        return max(reversed(self.running), key=lambda r: r.lane_rank)
+
+    def _outranked(self, request: Request) -> Request | None:
+        """The running request `request` may preempt (the victim, of a lower lane), or None."""
+        if not self.running:
+            return None
+        victim = self._pick_victim()
+        return victim if victim.lane_rank > request.lane_rank else None
+
+    def _preempt_lower_lane(self, request: Request, output: SchedulerOutput) -> int | None:
+        """Preempt one running request of a lower lane than `request` (waiting) and undo its part of
+        this step; returns the token budget that gave back, or None when none ranks lower."""
+        victim = self._outranked(request)
+        if victim is None:
+            return None
+        self._preempt(victim, output)
+        output.cached_requests = [c for c in output.cached_requests if c.req_id != victim.request_id]
+        output.new_requests = [n for n in output.new_requests if n.req_id != victim.request_id]
+        return output.num_scheduled_tokens.pop(victim.request_id, 0)
 
     def _preempt(self, request: Request, output: SchedulerOutput) -> None:
         """Recompute-style preemption: drop the KV, send the request back to the waiting queue."""

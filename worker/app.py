@@ -25,7 +25,7 @@ from worker.aio import MAX_BACKOFF_S, cancel_requested, retry_forever
 from worker.intake import Intake
 from worker.jobs import AbortReason, JobTable
 from worker.lua import Scripts
-from worker.metrics import Metrics
+from worker.metrics import Metrics, queue_state
 from worker.publisher import Publisher
 from worker.recovery import Recovery
 from worker.settings import WorkerSettings
@@ -210,8 +210,8 @@ class Worker:
                 await asyncio.sleep(MAX_BACKOFF_S)
 
     async def _intake_once(self) -> None:
-        room = self.intake.room
-        if room <= 0:
+        room = self.intake.room_by_lane()
+        if not any(room.values()):
             await self.table.wait_changed(self.settings.block_ms / 1000)
             return
         block_ms = min(self.settings.block_ms, 200) if self.burst else self.settings.block_ms
@@ -231,7 +231,7 @@ class Worker:
         logger.warning("intake: %s; retrying", exc)
 
     async def _queue_is_idle(self) -> bool:
-        entries = await self.recovery.reclaim(self.intake.room)
+        entries = await self.recovery.reclaim(self.intake.room_by_lane())
         if entries:
             await self.intake.admit(entries)
             return False
@@ -245,23 +245,24 @@ class Worker:
 
     async def _reclaim(self) -> None:
         if not self.is_stopping:
-            entries = await self.recovery.reclaim(self.intake.room)
+            entries = await self.recovery.reclaim(self.intake.room_by_lane())
             if entries:
                 await self.intake.admit(entries)
 
     async def _trim(self) -> None:
-        """Drop served entries from {p}:jobs. Delivery is in id order, so every entry older than both
-        the group's last delivered entry and its oldest pending one has been acknowledged."""
-        groups = await self.redis.xinfo_groups(self.keys.jobs)
-        group = next((g for g in groups if _text(g.get("name")) == self.keys.group), None)
-        if group is None:
-            return
-        threshold = _text(group["last-delivered-id"])
-        pending = await self.redis.xpending(self.keys.jobs, self.keys.group)
-        if pending["pending"]:
-            threshold = min(threshold, _text(pending["min"]), key=_stream_id)
-        if threshold != "0-0":
-            await self.redis.xtrim(self.keys.jobs, minid=threshold, approximate=False)
+        """Drop served entries from each lane's stream. Delivery is in id order, so every entry older
+        than both the group's last delivered entry and its oldest pending one has been acknowledged."""
+        for stream in self.keys.lane_streams.values():
+            groups = await self.redis.xinfo_groups(stream)
+            group = next((g for g in groups if _text(g.get("name")) == self.keys.group), None)
+            if group is None:
+                continue
+            threshold = _text(group["last-delivered-id"])
+            pending = await self.redis.xpending(stream, self.keys.group)
+            if pending["pending"]:
+                threshold = min(threshold, _text(pending["min"]), key=_stream_id)
+            if threshold != "0-0":
+                await self.redis.xtrim(stream, minid=threshold, approximate=False)
 
     async def _check_cancel(self) -> None:
         """One MGET for every running job's cancel key; deadlines of jobs not started yet."""
@@ -306,9 +307,8 @@ class Worker:
 
     async def _update_metrics(self) -> None:
         self.metrics.update_engine(self.engine.stats(), len(self.table))
-        groups = await self.redis.xinfo_groups(self.keys.jobs)
-        group = self.keys.group.encode()
-        self.metrics.update_queue(next((g for g in groups if g.get("name") == group), None))
+        for lane, stream in self.keys.lane_streams.items():
+            self.metrics.update_queue(lane, await queue_state(self.redis, stream, self.keys.group))
 
     async def _watch_engine(self) -> None:
         if self.engine.error is not None and not self.is_stopping:

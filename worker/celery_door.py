@@ -26,7 +26,7 @@ from celery.worker import state as worker_state
 
 from api_client.celery import JSON_ONLY, TASK_NAME, GenerationFailed, job_from_kwargs
 from api_client.client import DEFAULT_REDIS_URL, event_from_fields, stream_entries
-from api_client.keys import DEFAULT_PREFIX, EVENT_FIELD, Keys
+from api_client.keys import DEFAULT_LANE, DEFAULT_PREFIX, EVENT_FIELD, Keys
 from api_client.schema import Completion, DoneEvent, ErrorEvent, JobError, dump_event
 from api_client.status import SUBMIT_SCRIPT, marker_ttl_s
 
@@ -104,7 +104,8 @@ class Shim:
             raise GenerationFailed(exc.code, exc.message, job_id) from None
         ttl_s = job.result_ttl_s or self.config.result_ttl_s
         with _requeue_when_redis_is_down(job_id):
-            reply = self._enqueue(keys=[self.keys.result(job_id), marker_key(self.keys, job_id), self.keys.jobs],
+            reply = self._enqueue(keys=[self.keys.result(job_id), marker_key(self.keys, job_id),
+                                        self.keys.lane_jobs(job.lane or DEFAULT_LANE)],
                                   args=[job.to_json(), marker_ttl_s(ttl_s)])
         is_new = int(reply[0]) == 1
         logger.info("job=%s event=celery_%s", job_id, "enqueued" if is_new else "rejoined")

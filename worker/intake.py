@@ -1,4 +1,5 @@
-"""Intake: read jobs from {p}:jobs (only as many as the engine has room for), validate, and submit them.
+"""Intake: read jobs from the lane streams ({p}:jobs, {p}:jobs:batch; only as many as there is room
+for, the highest lane first), validate, and submit them.
 
 It decides what each entry read becomes (admit, finish, reject, hand back, skip: Intake._decide) and
 carries the decision out in one place (Intake._carry_out). Every entry read ends in the engine, in a
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from api_client.keys import JOB_FIELD, Keys
+from api_client.keys import JOB_FIELD, LANES, Keys
 from api_client.schema import DoneEvent, ErrorEvent, Job, JobError, parse_job
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
@@ -92,32 +93,67 @@ class Intake:
         self.publisher = publisher
         self._handoff: OutputHandoff | None = None  # made on first use, in the running loop
 
+    def room_by_lane(self) -> dict[str, int]:
+        """Jobs to read now from each lane, highest lane first. A lane's room is max_num_seqs minus the
+        jobs we hold of it and of the lanes above it: interactive work is read even while batch work
+        fills every seat (the engine preempts batch work for it), and batch work only gets seats the
+        lanes above leave free. The lowest lane is also held to what the engine can take now."""
+        held = [0] * len(LANES)
+        for job in self.table:
+            held[job.entry.lane_rank] += 1
+        room, num_above = {}, 0
+        for rank, lane in enumerate(LANES):
+            num_above += held[rank]
+            room[lane] = self.settings.max_num_seqs - num_above
+        room[LANES[-1]] = min(room[LANES[-1]], self.engine.has_capacity(),
+                              self.settings.max_num_seqs - len(self.table))
+        return {lane: max(0, n) for lane, n in room.items()}
+
     @property
     def room(self) -> int:
-        """Jobs to read now: what the engine can take (sequence slots, free KV), minus jobs we hold."""
-        return min(self.engine.has_capacity(), self.settings.max_num_seqs - len(self.table))
+        """Jobs to read now, over all lanes."""
+        return sum(self.room_by_lane().values())
 
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.keys.jobs, self.keys.group, id="0", mkstream=True)
-            logger.info("created group %s on %s", self.keys.group, self.keys.jobs)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """The consumer group on every lane's stream (created at id 0 with MKSTREAM)."""
+        for stream in self.keys.lane_streams.values():
+            try:
+                await self.redis.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
+                logger.info("created group %s on %s", self.keys.group, stream)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        """XREADGROUP up to `count` new entries; recreates the group when it is missing (NOGROUP)."""
+    async def read(self, room: dict[str, int], block_ms: int) -> list[Entry]:
+        """New entries, up to room[lane] from each lane in rank order; a lane is read only when the
+        lanes above it had fewer new entries than their room. When no lane has any, one blocking
+        XREADGROUP on every lane with room (COUNT 1 each: it only wakes the intake, which then fills
+        the rest in order). Recreates the groups when missing (NOGROUP)."""
         try:
-            reply = await self.redis.xreadgroup(self.keys.group, self.settings.consumer, {self.keys.jobs: ">"},
-                                                count=count, block=block_ms)
+            for lane, stream in self.keys.lane_streams.items():
+                if room.get(lane, 0) > 0:
+                    entries = await self._read({stream: lane}, room[lane], None)
+                    if entries:
+                        return entries
+            streams = {self.keys.lane_jobs(lane): lane for lane, n in room.items() if n > 0}
+            return await self._read(streams, 1, block_ms) if streams else []
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             logger.warning("group %s missing (Redis restarted or flushed?): recreating it", self.keys.group)
             await self.ensure_group()
             return []
-        streams: list[Any] = list(reply or [])
-        return [e for _, items in streams for e in entries_from_reply(items)]
+
+    async def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Entry]:
+        reply = await self.redis.xreadgroup(self.keys.group, self.settings.consumer, dict.fromkeys(streams, ">"),
+                                            count=count, block=block_ms)
+        out: list[Entry] = []
+        replies: list[Any] = list(reply or [])
+        for stream, items in replies:
+            lane = streams[stream.decode() if isinstance(stream, bytes) else stream]
+            out.extend(entries_from_reply(items, lane=lane))
+        out.sort(key=lambda e: e.lane_rank)
+        return out
 
     async def admit(self, entries: list[Entry]) -> None:
         """Validate and submit entries (fresh or reclaimed); the rest get their final event here."""
@@ -189,7 +225,8 @@ class Intake:
             self.engine.submit(
                 running.job_id, prompt=job.prompt, prompt_token_ids=job.prompt_token_ids,
                 messages=None if job.messages is None else [m.model_dump() for m in job.messages],
-                params=params, priority=job.priority, resume_token_ids=running.token_ids or None,
+                params=params, priority=job.priority, lane_rank=running.entry.lane_rank,
+                resume_token_ids=running.token_ids or None,
                 on_output=self._handoff)
         except InvalidRequestError as exc:  # includes PromptTooLongError (code "too_long")
             self.table.remove(running.job_id)
@@ -208,13 +245,13 @@ class Intake:
         verdict, running = decision.verdict, decision.running
         if verdict is Verdict.SKIP:
             if decision.reason:  # a redelivery nobody needs: acknowledge it
-                await self.redis.xack(self.keys.jobs, self.keys.group, entry.entry_id)
+                await self.redis.xack(self.keys.lane_jobs(entry.lane), self.keys.group, entry.entry_id)
                 log = logger.info if decision.reason == "already_final" else logger.warning
                 log("job=%s event=skip reason=%s entry=%s", job_id, decision.reason, entry.entry_id)
         elif verdict is Verdict.STARTED:
             assert running is not None
-            logger.info("job=%s event=%s entry=%s deliveries=%d resumed_tokens=%d queue_ms=%d", job_id,
-                        "resume" if running.num_resumed_tokens else "start", entry.entry_id,
+            logger.info("job=%s event=%s lane=%s entry=%s deliveries=%d resumed_tokens=%d queue_ms=%d", job_id,
+                        "resume" if running.num_resumed_tokens else "start", entry.lane, entry.entry_id,
                         entry.num_deliveries, running.num_resumed_tokens,
                         max(0, int(time.time() * 1000) - entry.enqueued_ms))
         elif verdict is Verdict.FINISH:

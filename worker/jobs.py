@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from api_client.keys import JOB_FIELD, JOB_ID_FIELD
+from api_client.keys import DEFAULT_LANE, JOB_FIELD, JOB_ID_FIELD, lane_rank
 from api_client.schema import DoneEvent, Job, Usage
 from worker.lua import REDELIVERIES_FIELD
 
@@ -25,6 +25,7 @@ class Entry:
     entry_id: str
     fields: dict[bytes, bytes]
     num_deliveries: int = 1  # this entry's delivery count plus the `redeliveries` it carries
+    lane: str = DEFAULT_LANE  # the lane whose stream it was read from (Keys.lane_jobs)
 
     @property
     def raw(self) -> bytes | None:
@@ -41,18 +42,23 @@ class Entry:
         return value.decode("utf-8", "replace") if value else None
 
     @property
+    def lane_rank(self) -> int:
+        return lane_rank(self.lane)
+
+    @property
     def enqueued_ms(self) -> int:
         return int(self.entry_id.split("-", 1)[0])
 
 
-def entries_from_reply(items: Any, delivery_count: int = 1) -> list[Entry]:
-    """[(id, {field: value}), ...] as redis-py returns stream entries; deleted entries (None) skipped."""
+def entries_from_reply(items: Any, delivery_count: int = 1, lane: str = DEFAULT_LANE) -> list[Entry]:
+    """[(id, {field: value}), ...] as redis-py returns stream entries (of `lane`'s stream); deleted
+    entries (None) skipped."""
     out = []
     for entry_id, fields in items:
         if fields is None:
             continue
         eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        entry = Entry(eid, dict(fields))
+        entry = Entry(eid, dict(fields), lane=lane)
         entry.num_deliveries = delivery_count + entry.redeliveries
         out.append(entry)
     return out

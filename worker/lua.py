@@ -155,7 +155,8 @@ return lost
 
 class Scripts:
     """The scripts registered on one client. The *_args helpers return (keys, args) so that a call
-    can be queued on a pipeline: `await scripts.publish_final(keys=k, args=a, client=pipe)`."""
+    can be queued on a pipeline: `await scripts.publish_final(keys=k, args=a, client=pipe)`.
+    `jobs_key` names the job's lane stream (the entry's, Keys.lane_jobs); unset: the default lane's."""
 
     def __init__(self, redis: Redis, jobs_key: str, dead_key: str, group: str, consumer: str, *,
                  keys: Keys | None = None) -> None:
@@ -170,9 +171,10 @@ class Scripts:
         self.hand_back: AsyncScript = redis.register_script(_HAND_BACK)
         self.renew: AsyncScript = redis.register_script(_RENEW)
 
-    def tokens_many_args(self, deltas: list[tuple[str, str, int, int, str, int]]) -> tuple[list[str], list[Any]]:
-        """deltas: (result_key, entry_id, index, num_tokens, event_json, ttl_s) per job."""
-        keys: list[str] = [self.jobs_key]
+    def tokens_many_args(self, deltas: list[tuple[str, str, int, int, str, int]],
+                         jobs_key: str | None = None) -> tuple[list[str], list[Any]]:
+        """deltas: (result_key, entry_id, index, num_tokens, event_json, ttl_s) per job, all of one lane."""
+        keys: list[str] = [jobs_key or self.jobs_key]
         args: list[Any] = [self.group, self.consumer]
         for result_key, entry_id, index, num_tokens, event_json, ttl_s in deltas:
             keys.append(result_key)
@@ -180,26 +182,29 @@ class Scripts:
         return keys, args
 
     def final_args(self, result_key: str, entry_id: str, event_json: str, ttl_s: int, num_tokens: int = -1,
-                   dead: tuple[bytes, str, str, str] | None = None) -> tuple[list[str], list[Any]]:
+                   dead: tuple[bytes, str, str, str] | None = None,
+                   jobs_key: str | None = None) -> tuple[list[str], list[Any]]:
         args: list[Any] = [self.group, entry_id, self.consumer, event_json, ttl_s, num_tokens]
         if dead is not None:
             args.extend(dead)
-        return [result_key, self.jobs_key, self.dead_key], args
+        return [result_key, jobs_key or self.jobs_key, self.dead_key], args
 
     def dead_letter_args(self, entry_id: str, raw: bytes, job_id: str, code: str,
-                         reason: str) -> tuple[list[str], list[Any]]:
-        return [self.jobs_key, self.dead_key], [self.group, entry_id, self.consumer, raw, job_id, code, reason]
+                         reason: str, jobs_key: str | None = None) -> tuple[list[str], list[Any]]:
+        return ([jobs_key or self.jobs_key, self.dead_key],
+                [self.group, entry_id, self.consumer, raw, job_id, code, reason])
 
     def hand_back_args(self, entry_id: str, raw: bytes, job_id: str,
-                       redeliveries: int) -> tuple[list[str], list[Any]]:
+                       redeliveries: int, jobs_key: str | None = None) -> tuple[list[str], list[Any]]:
+        """The job goes back to the tail of its own lane's stream."""
         args: list[Any] = [self.group, entry_id, self.consumer, raw, job_id, redeliveries]
         if self.keys is None:
-            return [self.jobs_key], args
-        return [self.jobs_key, self.keys.job(job_id)], [*args, marker_ttl_s(None)]
+            return [jobs_key or self.jobs_key], args
+        return [jobs_key or self.jobs_key, self.keys.job(job_id)], [*args, marker_ttl_s(None)]
 
-    async def renew_leases(self, entry_ids: list[str]) -> list[str]:
-        """Renew this consumer's entries; returns the ids it no longer owns."""
+    async def renew_leases(self, entry_ids: list[str], jobs_key: str | None = None) -> list[str]:
+        """Renew this consumer's entries (of one lane stream); returns the ids it no longer owns."""
         if not entry_ids:
             return []
-        lost = await self.renew(keys=[self.jobs_key], args=[self.group, self.consumer, *entry_ids])
+        lost = await self.renew(keys=[jobs_key or self.jobs_key], args=[self.group, self.consumer, *entry_ids])
         return [x.decode() if isinstance(x, bytes) else str(x) for x in lost]

@@ -1,13 +1,18 @@
 """Prometheus metrics of one worker (own registry, so tests can run several workers in one process).
 
-Engine counters are fed from EngineStats snapshots as deltas; queue gauges from XINFO GROUPS."""
+Engine counters are fed from EngineStats snapshots as deltas; queue gauges, per lane, from XINFO GROUPS,
+XPENDING and the oldest unacknowledged entry (the numbers KEDA's Redis Streams scaler reads)."""
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from engine.stats import EngineStats
 
@@ -25,10 +30,14 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queue_lag = Gauge("tokenrelay_queue_lag", "jobs in {p}:jobs not yet delivered to any worker",
-                               registry=r)
-        self.queue_pending = Gauge("tokenrelay_queue_pending", "jobs delivered and not yet acknowledged",
-                                   registry=r)
+        self.queue_lag = Gauge("tokenrelay_queue_lag", "jobs in a lane's stream not yet delivered to any worker",
+                               ["lane"], registry=r)
+        self.queue_pending = Gauge("tokenrelay_queue_pending", "jobs of a lane delivered and not yet acknowledged",
+                                   ["lane"], registry=r)
+        self.queue_depth = Gauge("tokenrelay_queue_depth", "jobs of a lane not finished: lag + pending",
+                                 ["lane"], registry=r)
+        self.queue_oldest_age_s = Gauge("tokenrelay_queue_oldest_job_age_seconds",
+                                        "age of a lane's oldest unacknowledged job (0: none)", ["lane"], registry=r)
         self.jobs_held = Gauge("tokenrelay_worker_jobs", "jobs this worker holds", registry=r)
         self.num_running = Gauge("tokenrelay_engine_running", "sequences running in the engine", registry=r)
         self.num_waiting = Gauge("tokenrelay_engine_waiting", "sequences waiting in the engine", registry=r)
@@ -62,13 +71,15 @@ class Metrics:
         self.preemptions.inc(stats.num_preemptions - (last.num_preemptions if last else 0))
         self._last = stats
 
-    def update_queue(self, group_info: dict[str, Any] | None) -> None:
-        if group_info is None:
+    def update_queue(self, lane: str, state: QueueState | None) -> None:
+        if state is None:
             return
-        lag = group_info.get("lag")
-        if lag is not None:  # Redis reports no lag when it cannot tell (entries deleted mid-stream)
-            self.queue_lag.set(int(lag))
-        self.queue_pending.set(int(group_info.get("pending") or 0))
+        if state.lag is not None:  # Redis reports no lag when it cannot tell (entries deleted mid-stream)
+            self.queue_lag.labels(lane=lane).set(state.lag)
+            self.queue_depth.labels(lane=lane).set(state.lag + state.pending)
+        self.queue_pending.labels(lane=lane).set(state.pending)
+        age_s = 0.0 if state.oldest_ms is None else max(0.0, time.time() - state.oldest_ms / 1000)
+        self.queue_oldest_age_s.labels(lane=lane).set(age_s)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port > 0:
@@ -85,3 +96,42 @@ class Metrics:
             server.shutdown()
             server.server_close()
             self._server = None
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """One lane's stream as the consumer group sees it."""
+
+    lag: int | None  # entries not yet delivered (None: Redis cannot tell)
+    pending: int  # delivered, not acknowledged
+    oldest_ms: int | None  # enqueue time (entry id ms) of the oldest entry not acknowledged; None: none
+
+
+async def queue_state(redis: Redis, stream: str, group: str) -> QueueState | None:
+    """The lane's queue numbers, or None when the stream or group does not exist (yet)."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return None
+    info = next((g for g in groups if g.get("name") in (group, group.encode())), None)
+    if info is None:
+        return None
+    lag = info.get("lag")
+    pending = int(info.get("pending") or 0)
+    oldest: list[int] = []
+    if pending:
+        summary: dict[str, Any] = await redis.xpending(stream, group)
+        if summary.get("min"):
+            oldest.append(_entry_ms(summary["min"]))
+    if lag is None or int(lag) > 0:  # the first undelivered entry: the one after last-delivered-id
+        last = info.get("last-delivered-id") or b"0-0"
+        last_text = last.decode() if isinstance(last, bytes) else str(last)
+        first: Any = await redis.xrange(stream, min=f"({last_text}", max="+", count=1)
+        if first:
+            oldest.append(_entry_ms(first[0][0]))
+    return QueueState(None if lag is None else int(lag), pending, min(oldest) if oldest else None)
+
+
+def _entry_ms(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])

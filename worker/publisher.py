@@ -191,12 +191,17 @@ class Publisher:
         """Queue the batch: every token delta in a few script calls (TOKENS_PER_CALL jobs each),
         then the other ops one call each. Returns the ops each queued command answers for."""
         commands: list[list[_Op]] = []
-        token_ops = [op for op in ops if op.kind == "tokens"]
-        for start in range(0, len(token_ops), TOKENS_PER_CALL):
-            chunk = token_ops[start:start + TOKENS_PER_CALL]
-            keys, args = self.scripts.tokens_many_args([self._delta_args(op) for op in chunk])
-            await self.scripts.publish_tokens_many(keys=keys, args=args, client=pipe)
-            commands.append(chunk)
+        by_lane: dict[str, list[_Op]] = {}  # a call checks ownership against one lane's stream
+        for op in ops:
+            if op.kind == "tokens":
+                by_lane.setdefault(op.job.entry.lane, []).append(op)
+        for lane, token_ops in by_lane.items():
+            for start in range(0, len(token_ops), TOKENS_PER_CALL):
+                chunk = token_ops[start:start + TOKENS_PER_CALL]
+                keys, args = self.scripts.tokens_many_args([self._delta_args(op) for op in chunk],
+                                                           self.keys.lane_jobs(lane))
+                await self.scripts.publish_tokens_many(keys=keys, args=args, client=pipe)
+                commands.append(chunk)
         for op in ops:
             if op.kind != "tokens":
                 await self._queue_op(pipe, op)
@@ -212,6 +217,7 @@ class Publisher:
 
     async def _queue_op(self, pipe: Any, op: _Op) -> None:
         job = op.job
+        jobs_key = self.keys.lane_jobs(job.entry.lane)
         if op.kind == "final":
             assert op.event is not None
             expect = len(job.token_ids) if isinstance(op.event, DoneEvent) else -1
@@ -219,16 +225,16 @@ class Publisher:
             if op.dead and isinstance(op.event, ErrorEvent):
                 dead = (job.entry.raw or b"", job.job_id, op.event.code, op.event.message)
             keys, args = self.scripts.final_args(self.keys.result(job.job_id), job.entry.entry_id,
-                                                 dump_event(op.event), job.ttl_s, expect, dead)
+                                                 dump_event(op.event), job.ttl_s, expect, dead, jobs_key)
             await self.scripts.publish_final(keys=keys, args=args, client=pipe)
         elif op.kind == "dead":
             assert isinstance(op.event, ErrorEvent)
             keys, args = self.scripts.dead_letter_args(job.entry.entry_id, job.entry.raw or b"", "",
-                                                       op.event.code, op.event.message)
+                                                       op.event.code, op.event.message, jobs_key)
             await self.scripts.dead_letter(keys=keys, args=args, client=pipe)
         else:
             keys, args = self.scripts.hand_back_args(job.entry.entry_id, job.entry.raw or b"", job.job_id,
-                                                     job.entry.num_deliveries - 1)
+                                                     job.entry.num_deliveries - 1, jobs_key)
             await self.scripts.hand_back(keys=keys, args=args, client=pipe)
 
     def _handle(self, op: _Op, reply: Any) -> _Op | None:

@@ -76,7 +76,8 @@ async def load_progress(redis: Redis, keys: Keys, job_ids: Sequence[str]) -> dic
 
 
 class Recovery:
-    """Leases (XCLAIM JUSTID of our running entries) and takeovers (XAUTOCLAIM of idle ones)."""
+    """Leases (XCLAIM JUSTID of our running entries) and takeovers (XAUTOCLAIM of idle ones), in every
+    lane's stream (the highest lane first)."""
 
     def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, consumer: str, lease_ms: int) -> None:
         self.redis = redis
@@ -84,56 +85,71 @@ class Recovery:
         self.scripts = scripts
         self.consumer = consumer
         self.lease_ms = lease_ms
-        self._cursor = "0-0"
+        self._cursors = dict.fromkeys(keys.lane_streams, "0-0")
 
     async def renew(self, table: JobTable) -> list[str]:
         """Renew the leases of the jobs we hold; returns the job ids whose entry we no longer own
         (another worker took it over while we stalled, or Redis lost it)."""
-        by_entry = {job.entry.entry_id: job.job_id for job in table
-                    if job.abort_reason is not AbortReason.LOST and not job.is_finishing}
-        lost_entries = await self.scripts.renew_leases(list(by_entry))
-        return [by_entry[e] for e in lost_entries if e in by_entry]
+        lost: list[str] = []
+        for lane, stream in self.keys.lane_streams.items():
+            by_entry = {job.entry.entry_id: job.job_id for job in table if job.entry.lane == lane
+                        and job.abort_reason is not AbortReason.LOST and not job.is_finishing}
+            lost_entries = await self.scripts.renew_leases(list(by_entry), stream)
+            lost.extend(by_entry[e] for e in lost_entries if e in by_entry)
+        return lost
 
     async def claim_own_pending(self) -> list[Entry]:
         """Entries a previous life of this consumer left pending: claim them again (which bumps their
         delivery count, so a job that crashes the worker each time ends in {p}:dead)."""
-        pending = await self.redis.xpending_range(self.keys.jobs, self.keys.group, "-", "+", MAX_CLAIM_OWN,
-                                                  consumername=self.consumer)
-        ids: list[Any] = [p["message_id"] for p in pending]
-        if not ids:
-            return []
-        claimed = await self.redis.xclaim(self.keys.jobs, self.keys.group, self.consumer, 0, ids)
-        entries = await self._with_delivery_counts(cast("list[Any]", claimed))
+        entries: list[Entry] = []
+        for lane, stream in self.keys.lane_streams.items():
+            pending = await self.redis.xpending_range(stream, self.keys.group, "-", "+", MAX_CLAIM_OWN,
+                                                      consumername=self.consumer)
+            ids: list[Any] = [p["message_id"] for p in pending]
+            if not ids:
+                continue
+            claimed = await self.redis.xclaim(stream, self.keys.group, self.consumer, 0, ids)
+            entries.extend(await self._with_delivery_counts(cast("list[Any]", claimed), lane))
         if entries:
             logger.info("claimed %d pending entries of an earlier run of consumer %s", len(entries),
                         self.consumer)
         return entries
 
-    async def reclaim(self, count: int) -> list[Entry]:
-        """Take over up to `count` entries idle longer than the lease (their worker is gone)."""
-        if count <= 0:
-            return []
-        reply = await self.redis.xautoclaim(self.keys.jobs, self.keys.group, self.consumer, self.lease_ms,
-                                            self._cursor, count=count)
-        cursor, items = reply[0], reply[1]
-        self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        entries = await self._with_delivery_counts(items)
-        for entry in entries:
-            logger.info("entry=%s event=reclaimed deliveries=%d", entry.entry_id, entry.num_deliveries)
+    async def reclaim(self, room: dict[str, int]) -> list[Entry]:
+        """Take over entries idle longer than the lease (their worker is gone): up to room[lane] from
+        each lane's stream."""
+        entries: list[Entry] = []
+        for lane, stream in self.keys.lane_streams.items():
+            count = room.get(lane, 0)
+            if count <= 0:
+                continue
+            reply = await self.redis.xautoclaim(stream, self.keys.group, self.consumer, self.lease_ms,
+                                                self._cursors[lane], count=count)
+            cursor, items = reply[0], reply[1]
+            self._cursors[lane] = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+            claimed = await self._with_delivery_counts(items, lane)
+            for entry in claimed:
+                logger.info("entry=%s event=reclaimed lane=%s deliveries=%d", entry.entry_id, lane,
+                            entry.num_deliveries)
+            entries.extend(claimed)
         return entries
 
     async def has_pending(self) -> bool:
-        """Whether any entry of the group is unacknowledged (held by any consumer)."""
-        summary = await self.redis.xpending(self.keys.jobs, self.keys.group)
-        return bool(summary and summary.get("pending"))
+        """Whether any entry of the group is unacknowledged (held by any consumer), in any lane."""
+        for stream in self.keys.lane_streams.values():
+            summary = await self.redis.xpending(stream, self.keys.group)
+            if summary and summary.get("pending"):
+                return True
+        return False
 
-    async def _with_delivery_counts(self, items: Sequence[Any]) -> list[Entry]:
-        entries = entries_from_reply(items)
+    async def _with_delivery_counts(self, items: Sequence[Any], lane: str) -> list[Entry]:
+        entries = entries_from_reply(items, lane=lane)
         if not entries:
             return []
+        stream = self.keys.lane_jobs(lane)
         pipe = self.redis.pipeline(transaction=False)
         for entry in entries:
-            pipe.xpending_range(self.keys.jobs, self.keys.group, entry.entry_id, entry.entry_id, 1)
+            pipe.xpending_range(stream, self.keys.group, entry.entry_id, entry.entry_id, 1)
         replies = await pipe.execute()
         for entry, reply in zip(entries, replies, strict=True):
             count = int(reply[0]["times_delivered"]) if reply else 1

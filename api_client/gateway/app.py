@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api_client.gateway.batches import Batches, add_batch_routes
 from api_client.gateway.metrics import GatewayMetrics
 from api_client.gateway.relay import Event, Relay, ResultReader
 from api_client.gateway.requests import ChatCompletionRequest, CompletionRequest, _CommonRequest
@@ -305,13 +306,16 @@ def _raise_first_error(events: list[tuple[int, Event]], retry_after_s: int) -> N
 def create_app(settings: GatewaySettings | None = None, *, redis: Redis | None = None) -> FastAPI:
     settings = settings if settings is not None else GatewaySettings()
     gateway = Gateway(settings, redis)
+    batches = Batches(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if settings.is_loopback_only and not is_loopback(settings.gateway_host):
             logger.warning("no API key is configured: only loopback clients are served "
                            "(set TOKENRELAY_GATEWAY_API_KEYS, or TOKENRELAY_GATEWAY_ALLOW_UNAUTHENTICATED=true)")
+        batches.start()
         yield
+        await batches.close()
         await gateway.close()
 
     app = FastAPI(title="tokenrelay gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -376,6 +380,9 @@ def create_app(settings: GatewaySettings | None = None, *, redis: Redis | None =
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest, key: str | None = api_key) -> Response:
         return await gateway.complete(request, body, "completion", key)
+
+    add_batch_routes(app, batches, api_key, lambda exc: OpenAIError(
+        exc.status, exc.message, param=exc.param, code=exc.code or ("not_found" if exc.status == 404 else None)))
 
     return app
 

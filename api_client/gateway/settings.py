@@ -50,6 +50,15 @@ class GatewaySettings(BaseSettings):
     gateway_default_max_tokens: int | None = Field(default=None, ge=1, description=(
         "max_tokens of a request that gives none; unset: until EOS or the end of the model's context"))
 
+    # ---- the Batch API (/v1/files, /v1/batches) ----------------------------------------------
+    gateway_max_file_bytes: int = Field(default=64 << 20, ge=1, description=(
+        "largest batch input file POST /v1/files accepts (it is kept in Redis)"))
+    gateway_file_ttl_s: int = Field(default=7 * 86_400, ge=60, description=(
+        "uploaded and produced files, and finished batches, expire after this"))
+    gateway_batch_poll_s: float = Field(default=0.5, gt=0, description="how often the collector reads open batches")
+    gateway_batch_lock_ttl_s: float = Field(default=10.0, gt=0, description=(
+        "a replica that stops collecting a batch (it died) hands it to another after this"))
+
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
         Keys(self.prefix)  # raises ValueError naming the bad prefix
