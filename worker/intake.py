@@ -94,19 +94,22 @@ class Intake:
         self._handoff: OutputHandoff | None = None  # made on first use, in the running loop
 
     def room_by_lane(self) -> dict[str, int]:
-        """Jobs to read now from each lane, highest lane first. A lane's room is max_num_seqs minus the
-        jobs we hold of it and of the lanes above it: interactive work is read even while batch work
-        fills every seat (the engine preempts batch work for it), and batch work only gets seats the
-        lanes above leave free. The lowest lane is also held to what the engine can take now."""
+        """Jobs to read now from each lane, highest lane first. A lane's room is the most jobs held
+        (max_num_seqs + queue_lookahead) minus the jobs we hold of it and of the lanes above it:
+        interactive work is read even while batch work fills every seat (the engine preempts batch work
+        for it), and batch work only gets seats the lanes above leave free. The lowest lane is also
+        held to what the engine can take now (plus the lookahead, which waits in the engine, where the
+        priority policy orders it)."""
         held = [0] * len(LANES)
         for job in self.table:
             held[job.entry.lane_rank] += 1
+        limit = self.settings.num_jobs_held_max
         room, num_above = {}, 0
         for rank, lane in enumerate(LANES):
             num_above += held[rank]
-            room[lane] = self.settings.max_num_seqs - num_above
-        room[LANES[-1]] = min(room[LANES[-1]], self.engine.has_capacity(),
-                              self.settings.max_num_seqs - len(self.table))
+            room[lane] = limit - num_above
+        lookahead = limit - self.settings.max_num_seqs
+        room[LANES[-1]] = min(room[LANES[-1]], self.engine.has_capacity() + lookahead)
         return {lane: max(0, n) for lane, n in room.items()}
 
     @property

@@ -78,6 +78,9 @@ class WorkerSettings(_EngineKnobs):  # type: ignore[misc]
     result_ttl_s: int = Field(default=3600, ge=1, le=MAX_RESULT_TTL_S, description=(
         "result streams expire this long after their last event (a job's result_ttl_s wins)"))
     max_job_bytes: int = Field(default=DEFAULT_MAX_JOB_BYTES, ge=64, description="larger jobs are rejected (too_long)")
+    queue_lookahead: int | None = Field(default=None, ge=0, description=(
+        "jobs read beyond the free sequence slots, so that the engine orders them by priority; unset: "
+        "max_num_seqs under the priority policy, 0 under fcfs"))
     drain_timeout_s: float = Field(default=30.0, ge=0, description=(
         "on SIGTERM, running jobs get this long to finish before they are handed back"))
     cancel_check_ms: int = Field(default=100, ge=1, description="how often running jobs' cancel keys are checked")
@@ -115,6 +118,14 @@ class WorkerSettings(_EngineKnobs):  # type: ignore[misc]
     @property
     def keys(self) -> Keys:
         return Keys(self.prefix)
+
+    @property
+    def num_jobs_held_max(self) -> int:
+        """Jobs the worker holds at most in one lane (and all lanes together for the lowest)."""
+        lookahead = self.queue_lookahead
+        if lookahead is None:
+            lookahead = self.max_num_seqs if self.scheduling_policy == "priority" else 0
+        return self.max_num_seqs + lookahead
 
     @property
     def lease_ms(self) -> int:

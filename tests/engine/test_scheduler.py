@@ -435,3 +435,77 @@ def test_long_prefill_token_threshold_sets_the_cap() -> None:
     output, _ = runner.step()
     # The last one scheduled in a step has nobody behind it to leave budget for.
     assert output.num_scheduled_tokens == {"long": 16, "short": 40}
+
+
+# ---- lanes: interactive (lane_rank 0) above batch (lane_rank 1) -----------------------------------
+def make_lane_request(req_id: str, prompt: int, lane_rank: int, max_tokens: int = 4, priority: int = 0) -> Request:
+    request = make_request(req_id, prompt, max_tokens=max_tokens, priority=priority)
+    request.lane_rank = lane_rank
+    return request
+
+
+def run_to_end(runner: FakeRunner, max_steps: int = 200) -> list[str]:
+    """Step until nothing is left; the request ids in the order they finished."""
+    finished: list[str] = []
+    for _ in range(max_steps):
+        if not runner.scheduler.has_unfinished_requests():
+            return finished
+        _, updated = runner.step()
+        finished.extend(r.request_id for r in updated if r.is_finished)
+    raise AssertionError("requests did not finish")
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_waiting_interactive_runs_before_waiting_batch_in_either_policy(policy: str) -> None:
+    scheduler = make_scheduler(max_num_seqs=1, scheduling_policy=policy)
+    runner = FakeRunner(scheduler)
+    scheduler.add_request(make_lane_request("batch-old", 3, lane_rank=1))
+    scheduler.add_request(make_lane_request("inter", 3, lane_rank=0, priority=7))  # a worse priority, a better lane
+    assert run_to_end(runner) == ["inter", "batch-old"]
+
+
+def test_interactive_takes_the_seat_of_a_running_batch_request_which_is_recomputed() -> None:
+    scheduler = make_scheduler(max_num_seqs=2, scheduling_policy="priority")
+    runner = FakeRunner(scheduler)
+    scheduler.add_request(make_lane_request("b1", 5, lane_rank=1, max_tokens=6))
+    scheduler.add_request(make_lane_request("b2", 5, lane_rank=1, max_tokens=6))
+    runner.step()
+    runner.step()  # both batch requests decode: every seat is taken
+    b2 = scheduler.get_request("b2")
+    assert b2 is not None and b2.num_output_tokens == 2
+    scheduler.add_request(make_lane_request("i1", 4, lane_rank=0, max_tokens=2))
+    assert not scheduler.can_schedule_ahead()  # the preemption needs a schedule() with nothing in flight
+    output, _ = runner.step()
+    assert output.preempted_req_ids == {"b2"}  # the newest of the lowest lane
+    assert "i1" in output.num_scheduled_tokens and "b2" not in output.num_scheduled_tokens
+    finished = run_to_end(runner)
+    assert finished.index("i1") < finished.index("b2")
+    assert b2.num_preemptions == 1 and b2.output_token_ids == [TOKEN] * 6  # recomputed, nothing lost
+
+
+def test_interactive_preempts_batch_when_blocks_run_out() -> None:
+    # 6 usable blocks of 8 tokens (one is the null block): two batch requests of 20 tokens hold 3 each.
+    scheduler = make_scheduler(num_kv_blocks=7, max_num_seqs=4, max_num_batched_tokens=64)
+    runner = FakeRunner(scheduler)
+    scheduler.add_request(make_lane_request("b1", 20, lane_rank=1, max_tokens=3))
+    scheduler.add_request(make_lane_request("b2", 20, lane_rank=1, max_tokens=3))
+    runner.step()
+    assert scheduler.num_free_blocks == 0 and scheduler.num_running == 2
+    scheduler.add_request(make_lane_request("i1", 10, lane_rank=0, max_tokens=2))
+    output, _ = runner.step()
+    assert output.preempted_req_ids == {"b2"} and "i1" in output.num_scheduled_tokens
+    finished = run_to_end(runner)
+    assert finished.index("i1") < finished.index("b2")
+    b2 = scheduler.requests.get("b2")
+    assert b2 is None  # finished, after a recompute
+
+
+def test_batch_never_preempts_interactive_nor_batch_a_batch_for_a_seat() -> None:
+    scheduler = make_scheduler(max_num_seqs=1, scheduling_policy="priority")
+    runner = FakeRunner(scheduler)
+    scheduler.add_request(make_lane_request("i1", 3, lane_rank=0, max_tokens=4))
+    runner.step()
+    scheduler.add_request(make_lane_request("b1", 3, lane_rank=1, priority=-100))
+    output, _ = runner.step()
+    assert not output.preempted_req_ids and "b1" not in output.num_scheduled_tokens
+    assert run_to_end(runner) == ["i1", "b1"]

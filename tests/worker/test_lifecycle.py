@@ -83,7 +83,7 @@ def test_heartbeat_and_metrics_while_running(
     assert 'tokenrelay_jobs_total{status="length"} 1.0' in text
     assert 'tokenrelay_errors_total{code="invalid_request"} 1.0' in text
     assert "tokenrelay_time_to_first_token_seconds_count 1.0" in text
-    assert "tokenrelay_queue_pending 0.0" in text and "tokenrelay_kv_cache_usage" in text
+    assert 'tokenrelay_queue_pending{lane="interactive"} 0.0' in text and "tokenrelay_kv_cache_usage" in text
     worker.stop()
     assert client.exists(KEYS.heartbeat("w1")) == 0  # a clean stop removes the heartbeat
 
