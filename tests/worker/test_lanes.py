@@ -16,7 +16,15 @@ from api_client import Client
 from api_client.keys import EVENT_FIELD, JOB_FIELD
 from api_client.schema import parse_event
 from tests.helpers.redis_server import RedisServer
-from tests.worker.conftest import KEYS, PREFIX, InProcessWorker, assert_contiguous, settings_for, wait_final, wait_until
+from tests.worker.conftest import (
+    KEYS,
+    PREFIX,
+    InProcessWorker,
+    assert_contiguous,
+    settings_for,
+    wait_final,
+    wait_until,
+)
 from worker.metrics import queue_state
 
 
