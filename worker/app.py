@@ -40,6 +40,7 @@ HAND_BACK_TIMEOUT_S = 10.0  # after the drain: time for aborted jobs to reach Re
 LOOP_EXIT_TIMEOUT_S = 5.0  # cancelled background loops must end within this
 STUCK_STOP_SLACK_S = 60.0  # a stop still running this long after drain + hand-back dumps every stack
 OUTAGE_LOG_EVERY_S = 10.0  # while Redis is down, each loop logs at most this often
+LANE_FULL_BLOCK_MS = 10  # the read's BLOCK while some lane has no room (its seats free without a wake-up)
 _INTAKE_RETRY = retry_forever(0.05, (RedisError, OSError))
 
 
@@ -215,6 +216,10 @@ class Worker:
             await self.table.wait_changed(self.settings.block_ms / 1000)
             return
         block_ms = min(self.settings.block_ms, 200) if self.burst else self.settings.block_ms
+        if not all(room.values()):
+            # A full lane's seat frees without a stream entry to wake the blocking read of the others:
+            # wake often enough to fill it.
+            block_ms = min(block_ms, LANE_FULL_BLOCK_MS)
         entries = await self.intake.read(room, block_ms)
         if entries:
             await self.intake.admit(entries)
