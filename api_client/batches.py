@@ -66,6 +66,20 @@ return 1
 """
 
 
+# KEYS: results, batch. ARGV: line, value pairs. Records each line's result once (HSETNX) and counts it
+# in the batch's `num_completed` / `num_failed` fields in the same step, so a line collected twice (a
+# lock that lapsed mid-round) is counted once.
+_RECORD_SCRIPT = f"""
+for i = 1, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    if string.sub(ARGV[i + 1], 1, 1) == '{_ERROR}' then redis.call('HINCRBY', KEYS[2], 'num_failed', 1)
+    else redis.call('HINCRBY', KEYS[2], 'num_completed', 1) end
+  end
+end
+return 1
+"""
+
+
 class BatchApiError(ValueError):
     """A request the Batch API refuses: `status` is the HTTP status (400 or 404)."""
 
@@ -124,6 +138,7 @@ class BatchStore:
         self._submit = redis_client.register_script(SUBMIT_SCRIPT)
         self._lock = redis_client.register_script(_LOCK_SCRIPT)
         self._transition = redis_client.register_script(_TRANSITION_SCRIPT)
+        self._record = redis_client.register_script(_RECORD_SCRIPT)
         self._lines: dict[str, dict[int, _Line]] = {}  # batch id -> its lines (they never change once written)
 
     # ---- files -------------------------------------------------------------------------------
@@ -306,6 +321,8 @@ class BatchStore:
         for key, value in raw.items():
             name = _text(key)
             out[name] = _text(value) if name == "status" else json.loads(value)
+        counts = out["request_counts"]
+        counts["completed"], counts["failed"] = out.pop("num_completed", 0), out.pop("num_failed", 0)
         return out
 
     def list_batches(self, after: str | None = None, limit: int = 20) -> dict[str, Any]:
@@ -373,9 +390,9 @@ class BatchStore:
         for start in range(0, len(open_lines), READ_CHUNK):
             results.update(self._read_finals(lines, open_lines[start:start + READ_CHUNK], status, expired))
         if results:
-            self.redis.hset(self.keys.batch_results(batch_id), mapping={str(n): v for n, v in results.items()})
+            self._record(keys=[self.keys.batch_results(batch_id), self.keys.batch(batch_id)],
+                         args=[x for n, v in results.items() for x in (str(n), v)])
         if len(done) + len(results) < len(lines):
-            self._update_counts(batch_id)
             return False
         return self._finalize(batch_id, fields, lines)
 
@@ -438,15 +455,6 @@ class BatchStore:
         return _ERROR + json.dumps({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
                                     "response": response, "error": error})
 
-    def _update_counts(self, batch_id: str) -> dict[str, int]:
-        values = self.redis.hvals(self.keys.batch_results(batch_id))
-        failed = sum(1 for v in values if v.startswith(_ERROR.encode()))
-        total = len(self._load_lines(batch_id))
-        counts = {"total": total, "completed": len(values) - failed, "failed": failed}
-        self._transition(keys=[self.keys.batch(batch_id)], args=[
-            "in_progress,cancelling,finalizing", "request_counts", json.dumps(counts)])
-        return counts
-
     def _finalize(self, batch_id: str, fields: dict[str, Any], lines: dict[int, _Line]) -> bool:
         """Every line has its result: the output and error files, then the final status."""
         status = fields["status"]
@@ -455,7 +463,6 @@ class BatchStore:
             return True
         if status == "in_progress":
             self._transition(keys=[self.keys.batch(batch_id)], args=["in_progress", "status", "finalizing"])
-        counts = self._update_counts(batch_id)
         raw = self.redis.hgetall(self.keys.batch_results(batch_id))
         outputs: list[bytes] = []
         errors: list[bytes] = []
@@ -474,8 +481,7 @@ class BatchStore:
                                                      "batch_output")["id"]
         final = "cancelled" if status == "cancelling" else "expired" if is_expired else "completed"
         self._finish(batch_id, final, **update)
-        logger.info("batch=%s event=%s completed=%d failed=%d", batch_id, final, counts["completed"],
-                    counts["failed"])
+        logger.info("batch=%s event=%s completed=%d failed=%d", batch_id, final, len(outputs), len(errors))
         return True
 
     def _finish(self, batch_id: str, status: str, errors: list[dict[str, Any]] | None = None,

@@ -142,13 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"fraction": f, "rate": b["rate"], "ttft_p50_empty_ms": e["ttft_p50_ms"],
                          "ttft_p99_empty_ms": e["ttft_p99_ms"], "ttft_p50_backlog_ms": b["ttft_p50_ms"],
                          "ttft_p99_backlog_ms": b["ttft_p99_ms"], "ttft_p50_ratio": b["ttft_p50_ms"] / e["ttft_p50_ms"],
-                         "batch_jobs_s": b["batch_jobs_s"], "batch_ratio": b["batch_jobs_s"] / batch_alone})
+                         "batch_jobs_s": b["batch_jobs_s"], "batch_ratio": b["batch_jobs_s"] / batch_alone,
+                         # Output tokens of both lanes against batch alone: how much of the GPU is still used.
+                         "total_token_ratio": (b["batch_jobs_s"] * 2 * args.output_len + b["req_s"] * args.output_len)
+                         / (batch_alone * 2 * args.output_len)})
         print("\n| interactive rate (x sat) | TTFT p50 empty / backlog (ms) | p99 empty / backlog (ms) | "
-              "p50 ratio | batch jobs/s (x alone) |\n| --- | --- | --- | --- | --- |")
+              "p50 ratio | batch jobs/s (x alone) | all output tok/s (x batch alone) |\n"
+              "| --- | --- | --- | --- | --- | --- |")
         for r in rows:
             print(f"| {r['fraction']:.3f} ({r['rate']:.1f}/s) | {r['ttft_p50_empty_ms']:.0f} / "
                   f"{r['ttft_p50_backlog_ms']:.0f} | {r['ttft_p99_empty_ms']:.0f} / {r['ttft_p99_backlog_ms']:.0f} | "
-                  f"{r['ttft_p50_ratio']:.2f} | {r['batch_jobs_s']:.1f} ({r['batch_ratio']:.2f}) |")
+                  f"{r['ttft_p50_ratio']:.2f} | {r['batch_jobs_s']:.1f} ({r['batch_ratio']:.2f}) | "
+                  f"{r['total_token_ratio']:.2f} |")
         today = datetime.date.today().isoformat()
         report = {"date": today, "machine": platform.node(), "args": vars(args), "saturation_req_s": sat_rate,
                   "batch_alone_jobs_s": alone, "rows": rows, "batch_remaining": remaining}

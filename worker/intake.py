@@ -112,11 +112,6 @@ class Intake:
         room[LANES[-1]] = min(room[LANES[-1]], self.engine.has_capacity() + lookahead)
         return {lane: max(0, n) for lane, n in room.items()}
 
-    @property
-    def room(self) -> int:
-        """Jobs to read now, over all lanes."""
-        return sum(self.room_by_lane().values())
-
     async def ensure_group(self) -> None:
         """The consumer group on every lane's stream (created at id 0 with MKSTREAM)."""
         for stream in self.keys.lane_streams.values():

@@ -137,3 +137,28 @@ def test_async_client_status_replay_and_loss(redis_server: RedisServer) -> None:
 
     asyncio.run(run())
     assert r.xlen(KEYS.jobs) == 1
+
+
+def test_a_batch_lane_job_is_queued_in_its_stream_and_found_there(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    with _client(redis_server) as client:
+        interactive = client.submit("now", job_id="i1")
+        batch = client.submit("later", job_id="b1", lane="batch")
+        assert r.xlen(KEYS.jobs) == 1 and r.xlen(KEYS.lane_jobs("batch")) == 1
+        assert json.loads(r.xrange(KEYS.lane_jobs("batch"))[0][1][JOB_FIELD.encode()])["lane"] == "batch"
+        status = client.status("b1")
+        assert (status.state, status.entry_id) == ("queued", batch.entry_id)
+        assert client.status("i1").entry_id == interactive.entry_id
+        assert client.submit("later", job_id="b1", lane="batch").replayed  # idempotent in its lane too
+        r.xgroup_create(KEYS.lane_jobs("batch"), KEYS.group, id="0", mkstream=True)
+        r.xreadgroup(KEYS.group, "w1", {KEYS.lane_jobs("batch"): ">"}, count=10)
+        assert (client.status("b1").state, client.status("b1").consumer) == ("running", "w1")
+        with pytest.raises(ValueError, match="lane"):
+            client.submit("x", lane="bulk")
+
+    async def via_async() -> str:
+        async with AsyncClient(redis_server.url, prefix=KEYS.prefix) as aclient:
+            await aclient.submit("async later", job_id="b2", lane="batch")
+            return (await aclient.status("b2")).state
+
+    assert asyncio.run(via_async()) == "queued"
