@@ -25,7 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.serving import RESULTS_DIR, WorkerKnobs, percentile, run_load, start_redis, start_worker, wait_ready
+from bench.serving import (
+    RESULTS_DIR,
+    WorkerKnobs,
+    percentile,
+    run_load,
+    start_redis,
+    start_worker,
+    wait_ready,
+)
 from bench.workload import Workload, make_checkpoint
 
 PREFIX = "lanes"

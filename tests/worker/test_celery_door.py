@@ -153,6 +153,9 @@ def test_helpers_validate_before_sending_and_pin_json() -> None:
     assert sig.options == {"queue": DEFAULT_QUEUE, "serializer": "json", "task_id": "j-1"}
     with pytest.raises(JobError, match="exactly one of prompt"):
         job_kwargs("a", prompt_token_ids=[1, 2])
+    assert job_kwargs("a", lane="batch") == {"prompt": "a", "priority": 0, "params": {}, "lane": "batch"}
+    with pytest.raises(JobError, match="lane"):
+        job_kwargs("a", lane="bulk")
     with pytest.raises(JobError, match="temperature"):
         send_generate(app, "a", temperature=-1.0)  # refused before any broker connection
     with pytest.raises(JobError, match="job_id"):

@@ -119,3 +119,22 @@ def test_queue_state_of_a_lane(redis_server: RedisServer) -> None:
         await redis.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_batch_job_handed_back_at_shutdown_goes_back_to_its_lane_and_resumes(
+        redis_server: RedisServer, model_dir: Path, start_worker: Callable[..., InProcessWorker],
+        reference: Callable[[str, dict[str, Any]], tuple[list[int], str]]) -> None:
+    params = {"max_tokens": 120, "temperature": 0.0, "ignore_eos": True}
+    first = start_worker(settings_for(redis_server.url, model_dir, drain_timeout_s=0, lease_s=1))
+    client = Client(redis_server.url, prefix=PREFIX)
+    raw = client.redis
+    client.submit("handed back", job_id="hb", lane="batch", **params)
+    wait_until(lambda: raw.xlen(KEYS.result("hb")) >= 2, what="the batch job's first tokens")
+    first.stop()
+    requeued = [fields for _, fields in raw.xrange(KEYS.lane_jobs("batch"))]
+    assert any(f.get(b"job_id") == b"hb" for f in requeued)  # at the tail of the batch lane
+    assert raw.xlen(KEYS.jobs) == 0 and client.status("hb").state in ("queued", "running")
+    start_worker(settings_for(redis_server.url, model_dir, consumer="w2"))
+    evs = wait_final(raw, "hb", timeout_s=120)
+    assert assert_contiguous(evs) == reference("handed back", params)[0]
+    client.close()
