@@ -156,9 +156,10 @@ class BatchStore:
 
     def _put_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
         created = _now_s()
-        meta: dict[str, Any] = {"id": f"file-{uuid.uuid4().hex}", "object": "file", "bytes": len(content), "created_at": created,
-                "expires_at": created + self.config.file_ttl_s, "filename": filename, "purpose": purpose,
-                "status": "processed", "status_details": None}
+        meta: dict[str, Any] = {
+            "id": f"file-{uuid.uuid4().hex}", "object": "file", "bytes": len(content), "created_at": created,
+            "expires_at": created + self.config.file_ttl_s, "filename": filename, "purpose": purpose,
+            "status": "processed", "status_details": None}
         key = self.keys.file(meta["id"])
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={"meta": json.dumps(meta), "content": content})
@@ -198,17 +199,18 @@ class BatchStore:
                                 param="input_file_id")
         created = _now_s()
         batch_id = f"batch_{uuid.uuid4().hex}"
-        fields: dict[str, Any] = {"id": batch_id, "object": "batch", "endpoint": endpoint, "errors": None,
-                  "input_file_id": input_file_id, "completion_window": completion_window, "status": "validating",
-                  "output_file_id": None, "error_file_id": None, "created_at": created, "in_progress_at": None,
-                  "expires_at": created + COMPLETION_WINDOWS_S[completion_window], "finalizing_at": None,
-                  "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
-                  "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
-                  "metadata": metadata, "model": None, "api_key_id": api_key_id}
+        fields: dict[str, Any] = {
+            "id": batch_id, "object": "batch", "endpoint": endpoint, "errors": None, "input_file_id": input_file_id,
+            "completion_window": completion_window, "status": "validating", "output_file_id": None,
+            "error_file_id": None, "created_at": created, "in_progress_at": None,
+            "expires_at": created + COMPLETION_WINDOWS_S[completion_window], "finalizing_at": None,
+            "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata, "model": None,
+            "api_key_id": api_key_id}
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.keys.batch(batch_id), mapping={k: json.dumps(v) if k != "status" else v
                                                       for k, v in fields.items()})
-        pipe.zadd(self.keys.batches, {batch_id: created * 1000 + int(time.time() * 1000) % 1000})
+        pipe.zadd(self.keys.batches, {batch_id: time.time_ns() // 1000})  # microseconds: exact in a double
         pipe.sadd(self.keys.batches_open, batch_id)
         pipe.execute()
         self._validate_and_submit(batch_id)
@@ -240,19 +242,14 @@ class BatchStore:
             parsed[number] = line
             jobs.extend(line_jobs)
         models = sorted({line.model for line in parsed.values() if line.model})
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)  # it loads the submit script first when Redis lacks it
         for job in jobs:
             assert job.id is not None
-            pipe.evalsha(self._submit.sha, 3, self.keys.result(job.id), self.keys.job(job.id),
-                         self.keys.lane_jobs("batch"), job.to_json(), marker_ttl_s(job.result_ttl_s))
+            self._submit(keys=[self.keys.result(job.id), self.keys.job(job.id), self.keys.lane_jobs("batch")],
+                         args=[job.to_json(), marker_ttl_s(job.result_ttl_s)], client=pipe)
         if parsed:
             pipe.hset(self.keys.batch_lines(batch_id), mapping={str(n): line.to_json() for n, line in parsed.items()})
-        try:
-            pipe.execute()
-        except redis.exceptions.NoScriptError:  # a restarted Redis lost the script cache: load it, send again
-            self._submit.sha = self.redis.script_load(SUBMIT_SCRIPT)
-            self._validate_and_submit(batch_id)
-            return
+        pipe.execute()
         self._lines[batch_id] = parsed
         counts = {"total": len(parsed), "completed": 0, "failed": 0}
         self._transition(keys=[self.keys.batch(batch_id)], args=[

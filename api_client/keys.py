@@ -115,7 +115,7 @@ class Keys:
 
     @property
     def batches(self) -> str:
-        """Sorted set: batch ids by creation time (ms), for GET /v1/batches."""
+        """Sorted set: batch ids by creation time (microseconds), for GET /v1/batches."""
         return f"{self.prefix}:batches"
 
     @property
