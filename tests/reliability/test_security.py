@@ -176,7 +176,7 @@ def test_result_streams_expire(redis_server: RedisServer, model_dir: Path,
 def test_job_fields_are_data_only() -> None:
     """The schema has no field that names a file, a module, a model or code; unknown fields are errors."""
     assert set(Job.model_fields) == {"id", "prompt", "messages", "prompt_token_ids", "params", "priority",
-                                     "deadline_ms", "result_ttl_s", "user", "api_key_id"}
+                                     "deadline_ms", "result_ttl_s", "user", "api_key_id", "lane"}
     for extra in ({"model": "/etc/passwd"}, {"tokenizer": "/tmp/x"}, {"chat_template": "{{ x }}"},
                   {"trust_remote_code": True}, {"params": {"logits_processors": ["os.system"]}}):
         with pytest.raises(JobError, match="Extra inputs are not permitted"):
