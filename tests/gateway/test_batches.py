@@ -105,6 +105,7 @@ def test_cancel_mid_batch(openai_client: Any) -> None:
         openai_client.batches.cancel("batch_nope")
 
 
+@pytest.mark.reliability  # a SIGKILLed gateway: the long fault-injection set (CI)
 def test_a_gateway_killed_mid_batch_is_finished_by_another(start_gateway: Callable[..., Gateway],
                                                            gateway: Gateway) -> None:
     first = start_gateway(gateway_api_keys=API_KEYS, gateway_batch_lock_ttl_s=1, gateway_batch_poll_s=0.1)
