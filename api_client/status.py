@@ -117,7 +117,8 @@ class JobStatus:
 
 
 def status_args(keys: Keys, job_id: str) -> tuple[list[str], list[str]]:
-    return [keys.job(job_id), keys.result(job_id), keys.jobs, keys.cancel(job_id)], [keys.group, job_id]
+    shard = keys.for_job(job_id)
+    return [shard.job(job_id), shard.result(job_id), shard.jobs, shard.cancel(job_id)], [keys.group, job_id]
 
 
 def status_from_reply(job_id: str, reply: list[Any]) -> JobStatus:

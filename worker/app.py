@@ -15,15 +15,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api_client.connection import RETRYABLE_ERRORS, connect_async
 from worker import health
 from worker.aio import MAX_BACKOFF_S, cancel_requested, retry_forever
 from worker.intake import Intake
-from worker.jobs import AbortReason, JobTable
+from worker.jobs import AbortReason, JobTable, RunningJob
 from worker.lua import Scripts
 from worker.metrics import Metrics
 from worker.publisher import Publisher
@@ -40,7 +40,12 @@ HAND_BACK_TIMEOUT_S = 10.0  # after the drain: time for aborted jobs to reach Re
 LOOP_EXIT_TIMEOUT_S = 5.0  # cancelled background loops must end within this
 STUCK_STOP_SLACK_S = 60.0  # a stop still running this long after drain + hand-back dumps every stack
 OUTAGE_LOG_EVERY_S = 10.0  # while Redis is down, each loop logs at most this often
-_INTAKE_RETRY = retry_forever(0.05, (RedisError, OSError))
+# Every Redis failure (incl. a cluster between a master's death and its replica's promotion)...
+_REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError, *RETRYABLE_ERRORS)
+# ...and those that heal by waiting (not a refused command or credentials).
+_UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError,
+                                                    *RETRYABLE_ERRORS)
+_INTAKE_RETRY = retry_forever(0.05, _REDIS_ERRORS)
 
 
 class StartupStoppedError(Exception):
@@ -58,11 +63,10 @@ class Worker:
         # This run's token in the heartbeat: tells our own heartbeat from another run's under one name.
         self.incarnation = incarnation or uuid.uuid4().hex
         self.keys = settings.keys
-        self.redis: Redis = Redis.from_url(
-            settings.redis_url, socket_timeout=settings.socket_timeout_s,
+        self.redis: Any = connect_async(
+            settings.redis_url, cluster=settings.redis_cluster, socket_timeout=settings.socket_timeout_s,
             socket_connect_timeout=settings.socket_timeout_s, health_check_interval=30)
-        self.scripts = Scripts(self.redis, self.keys.jobs, self.keys.dead, self.keys.group, settings.consumer,
-                               keys=self.keys)
+        self.scripts = Scripts(self.redis, self.keys, settings.consumer)
         self.metrics = Metrics()
         self.table = JobTable(abort_request=engine.abort)
         self.publisher = Publisher(self.redis, self.keys, self.scripts, self.table, engine, self.metrics,
@@ -203,11 +207,18 @@ class Worker:
         while not self.is_stopping:
             try:
                 await _INTAKE_RETRY.call_with_retry(self._intake_once, self._intake_unreachable)
-            except (RedisError, OSError):
+            except _REDIS_ERRORS:
                 continue  # stopping: the loop ends
             except Exception:  # a bug must not stop the intake for good
                 logger.exception("intake failed; retrying in %.2fs", MAX_BACKOFF_S)
                 await asyncio.sleep(MAX_BACKOFF_S)
+        # Shard reads still in flight deliver to us: serve what they read (the drain hands it back).
+        try:
+            rest = await self.intake.reader.finish()
+            if rest:
+                await self.intake.admit(rest)
+        finally:
+            self.intake.reader.cancel()
 
     async def _intake_once(self) -> None:
         room = self.intake.room
@@ -250,25 +261,26 @@ class Worker:
                 await self.intake.admit(entries)
 
     async def _trim(self) -> None:
-        """Drop served entries from {p}:jobs. Delivery is in id order, so every entry older than both
-        the group's last delivered entry and its oldest pending one has been acknowledged."""
-        groups = await self.redis.xinfo_groups(self.keys.jobs)
-        group = next((g for g in groups if _text(g.get("name")) == self.keys.group), None)
-        if group is None:
-            return
-        threshold = _text(group["last-delivered-id"])
-        pending = await self.redis.xpending(self.keys.jobs, self.keys.group)
-        if pending["pending"]:
-            threshold = min(threshold, _text(pending["min"]), key=_stream_id)
-        if threshold != "0-0":
-            await self.redis.xtrim(self.keys.jobs, minid=threshold, approximate=False)
+        """Drop served entries from each shard's {p}:jobs. Delivery is in id order, so every entry older
+        than both the group's last delivered entry and its oldest pending one has been acknowledged."""
+        for shard in self.keys.shards:
+            groups = await self.redis.xinfo_groups(shard.jobs)
+            group = next((g for g in groups if _text(g.get("name")) == self.keys.group), None)
+            if group is None:
+                continue
+            threshold = _text(group["last-delivered-id"])
+            pending = await self.redis.xpending(shard.jobs, self.keys.group)
+            if pending["pending"]:
+                threshold = min(threshold, _text(pending["min"]), key=_stream_id)
+            if threshold != "0-0":
+                await self.redis.xtrim(shard.jobs, minid=threshold, approximate=False)
 
     async def _check_cancel(self) -> None:
         """One MGET for every running job's cancel key; deadlines of jobs not started yet."""
         jobs = [job for job in self.table if job.abort_reason is None]
         if not jobs:
             return
-        flags = await self.redis.mget([self.keys.cancel(job.job_id) for job in jobs])
+        flags = await self._cancel_flags(jobs)
         now_ms = time.time() * 1000
         for job, flag in zip(jobs, flags, strict=True):
             reason = None
@@ -278,6 +290,24 @@ class Worker:
                 reason = AbortReason.EXPIRED
             if reason is not None and self.table.abort(job, reason):
                 logger.info("job=%s event=abort reason=%s", job.job_id, reason.value)
+
+    async def _cancel_flags(self, jobs: list[RunningJob]) -> list[Any]:
+        """Each job's cancel key, one MGET per shard (an MGET cannot span cluster slots)."""
+        by_shard: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_shard.setdefault(job.entry.shard, []).append(i)
+        if len(by_shard) == 1:
+            return list(await self.redis.mget([self.keys.cancel(job.job_id) for job in jobs]))
+        flags: list[Any] = [None] * len(jobs)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for indexes in by_shard.values():
+                # execute_command: a cluster pipeline refuses its mget method (one slot per MGET here).
+                pipe.execute_command("MGET", *[self.keys.cancel(jobs[i].job_id) for i in indexes])
+            replies = await pipe.execute()
+        for indexes, values in zip(by_shard.values(), replies, strict=True):
+            for i, value in zip(indexes, values, strict=True):
+                flags[i] = value
+        return flags
 
     def _heartbeat_value(self) -> str:
         stats = self.engine.stats()
@@ -306,9 +336,15 @@ class Worker:
 
     async def _update_metrics(self) -> None:
         self.metrics.update_engine(self.engine.stats(), len(self.table))
-        groups = await self.redis.xinfo_groups(self.keys.jobs)
         group = self.keys.group.encode()
-        self.metrics.update_queue(next((g for g in groups if g.get("name") == group), None))
+        infos: dict[int, dict[str, Any] | None] = {}
+        for shard in self.keys.shards:
+            try:
+                groups = await self.redis.xinfo_groups(shard.jobs)
+            except ResponseError:  # the stream is gone (Redis flushed): the intake recreates it
+                groups = []
+            infos[shard.index] = next((g for g in groups if g.get("name") == group), None)
+        self.metrics.update_queue(infos)
 
     async def _watch_engine(self) -> None:
         if self.engine.error is not None and not self.is_stopping:
@@ -329,7 +365,7 @@ class Worker:
                 if failures:
                     logger.info("%s: Redis answers again after %d failed attempts", name, failures)
                     failures = 0
-            except (RedisError, OSError) as exc:
+            except _REDIS_ERRORS as exc:
                 if cancel_requested():
                     raise asyncio.CancelledError from exc
                 failures += 1
@@ -363,7 +399,7 @@ class Worker:
                 return attempt.result()
             except (AuthenticationError, AuthorizationError):
                 raise  # wrong credentials never heal by waiting: `python -m worker` exits 2
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except _UNREACHABLE_ERRORS as exc:
                 if cancel_requested():
                     raise
                 if self.is_stopping:

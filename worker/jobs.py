@@ -25,6 +25,7 @@ class Entry:
     entry_id: str
     fields: dict[bytes, bytes]
     num_deliveries: int = 1  # this entry's delivery count plus the `redeliveries` it carries
+    shard: int = 0  # the job stream it was read from (api_client/keys.py)
 
     @property
     def raw(self) -> bytes | None:
@@ -45,14 +46,15 @@ class Entry:
         return int(self.entry_id.split("-", 1)[0])
 
 
-def entries_from_reply(items: Any, delivery_count: int = 1) -> list[Entry]:
-    """[(id, {field: value}), ...] as redis-py returns stream entries; deleted entries (None) skipped."""
+def entries_from_reply(items: Any, delivery_count: int = 1, shard: int = 0) -> list[Entry]:
+    """[(id, {field: value}), ...] as redis-py returns stream entries of one shard's job stream;
+    deleted entries (None) skipped."""
     out = []
     for entry_id, fields in items:
         if fields is None:
             continue
         eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        entry = Entry(eid, dict(fields))
+        entry = Entry(eid, dict(fields), shard=shard)
         entry.num_deliveries = delivery_count + entry.redeliveries
         out.append(entry)
     return out

@@ -25,10 +25,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queue_lag = Gauge("tokenrelay_queue_lag", "jobs in {p}:jobs not yet delivered to any worker",
-                               registry=r)
-        self.queue_pending = Gauge("tokenrelay_queue_pending", "jobs delivered and not yet acknowledged",
-                                   registry=r)
+        self.queue_lag = Gauge("tokenrelay_queue_lag", "jobs in {p}:jobs not yet delivered to any worker "
+                               "(all shards)", registry=r)
+        self.queue_pending = Gauge("tokenrelay_queue_pending", "jobs delivered and not yet acknowledged "
+                                   "(all shards)", registry=r)
+        # Per shard: what an autoscaler (KEDA's Redis Streams scaler, lagCount) reads per stream, and
+        # the view that shows one hot or stuck shard (docs/scaling.md).
+        self.shard_lag = Gauge("tokenrelay_queue_shard_lag", "jobs of one shard's stream not yet delivered",
+                               ["shard"], registry=r)
+        self.shard_pending = Gauge("tokenrelay_queue_shard_pending", "jobs of one shard delivered, not yet "
+                                   "acknowledged", ["shard"], registry=r)
         self.jobs_held = Gauge("tokenrelay_worker_jobs", "jobs this worker holds", registry=r)
         self.num_running = Gauge("tokenrelay_engine_running", "sequences running in the engine", registry=r)
         self.num_waiting = Gauge("tokenrelay_engine_waiting", "sequences waiting in the engine", registry=r)
@@ -62,13 +68,24 @@ class Metrics:
         self.preemptions.inc(stats.num_preemptions - (last.num_preemptions if last else 0))
         self._last = stats
 
-    def update_queue(self, group_info: dict[str, Any] | None) -> None:
-        if group_info is None:
-            return
-        lag = group_info.get("lag")
-        if lag is not None:  # Redis reports no lag when it cannot tell (entries deleted mid-stream)
-            self.queue_lag.set(int(lag))
-        self.queue_pending.set(int(group_info.get("pending") or 0))
+    def update_queue(self, group_infos: dict[int, dict[str, Any] | None]) -> None:
+        """XINFO GROUPS of our group, per shard (None: no group there yet)."""
+        total_lag, total_pending, is_lag_known = 0, 0, True
+        for shard, info in group_infos.items():
+            if info is None:
+                continue
+            lag = info.get("lag")
+            pending = int(info.get("pending") or 0)
+            if lag is None:  # Redis reports no lag when it cannot tell (entries deleted mid-stream)
+                is_lag_known = False
+            else:
+                self.shard_lag.labels(shard=str(shard)).set(int(lag))
+                total_lag += int(lag)
+            self.shard_pending.labels(shard=str(shard)).set(pending)
+            total_pending += pending
+        if group_infos and is_lag_known:
+            self.queue_lag.set(total_lag)
+        self.queue_pending.set(total_pending)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port > 0:

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.asyncio import Redis
-
+from api_client.connection import AsyncRedis
 from api_client.keys import EVENT_FIELD, Keys
 from api_client.schema import TokenEvent, parse_event
 from worker.jobs import AbortReason, Entry, JobTable, entries_from_reply
@@ -60,7 +59,7 @@ def progress_from_entries(items: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> 
     return progress
 
 
-async def load_progress(redis: Redis, keys: Keys, job_ids: Sequence[str]) -> dict[str, Progress]:
+async def load_progress(redis: AsyncRedis, keys: Keys, job_ids: Sequence[str]) -> dict[str, Progress]:
     """Published tokens, final-event presence and cancel flag of each job, in one round trip."""
     pipe = redis.pipeline(transaction=False)
     for job_id in job_ids:
@@ -76,64 +75,83 @@ async def load_progress(redis: Redis, keys: Keys, job_ids: Sequence[str]) -> dic
 
 
 class Recovery:
-    """Leases (XCLAIM JUSTID of our running entries) and takeovers (XAUTOCLAIM of idle ones)."""
+    """Leases (XCLAIM JUSTID of our running entries) and takeovers (XAUTOCLAIM of idle ones), on every
+    shard's job stream (one command per shard: a shard is one cluster slot)."""
 
-    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, consumer: str, lease_ms: int) -> None:
+    def __init__(self, redis: AsyncRedis, keys: Keys, scripts: Scripts, consumer: str, lease_ms: int) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = scripts
         self.consumer = consumer
         self.lease_ms = lease_ms
-        self._cursor = "0-0"
+        self._cursors = ["0-0"] * keys.num_shards  # XAUTOCLAIM cursor per shard
+        self._next_shard = 0  # the shard the next reclaim starts with (round robin)
 
     async def renew(self, table: JobTable) -> list[str]:
         """Renew the leases of the jobs we hold; returns the job ids whose entry we no longer own
         (another worker took it over while we stalled, or Redis lost it)."""
-        by_entry = {job.entry.entry_id: job.job_id for job in table
-                    if job.abort_reason is not AbortReason.LOST and not job.is_finishing}
-        lost_entries = await self.scripts.renew_leases(list(by_entry))
-        return [by_entry[e] for e in lost_entries if e in by_entry]
+        by_shard: dict[int, dict[str, str]] = {}
+        for job in table:
+            if job.abort_reason is not AbortReason.LOST and not job.is_finishing:
+                by_shard.setdefault(job.entry.shard, {})[job.entry.entry_id] = job.job_id
+        lost: list[str] = []
+        for shard, by_entry in by_shard.items():
+            lost_entries = await self.scripts.renew_leases(self.keys.shards[shard], list(by_entry))
+            lost.extend(by_entry[e] for e in lost_entries if e in by_entry)
+        return lost
 
     async def claim_own_pending(self) -> list[Entry]:
         """Entries a previous life of this consumer left pending: claim them again (which bumps their
         delivery count, so a job that crashes the worker each time ends in {p}:dead)."""
-        pending = await self.redis.xpending_range(self.keys.jobs, self.keys.group, "-", "+", MAX_CLAIM_OWN,
-                                                  consumername=self.consumer)
-        ids: list[Any] = [p["message_id"] for p in pending]
-        if not ids:
-            return []
-        claimed = await self.redis.xclaim(self.keys.jobs, self.keys.group, self.consumer, 0, ids)
-        entries = await self._with_delivery_counts(cast("list[Any]", claimed))
-        if entries:
-            logger.info("claimed %d pending entries of an earlier run of consumer %s", len(entries),
-                        self.consumer)
-        return entries
+        out: list[Entry] = []
+        for shard in self.keys.shards:
+            pending = await self.redis.xpending_range(shard.jobs, self.keys.group, "-", "+", MAX_CLAIM_OWN,
+                                                      consumername=self.consumer)
+            ids: list[Any] = [p["message_id"] for p in pending]
+            if not ids:
+                continue
+            claimed = await self.redis.xclaim(shard.jobs, self.keys.group, self.consumer, 0, ids)
+            out.extend(await self._with_delivery_counts(cast("list[Any]", claimed), shard.index))
+        if out:
+            logger.info("claimed %d pending entries of an earlier run of consumer %s", len(out), self.consumer)
+        return out
 
     async def reclaim(self, count: int) -> list[Entry]:
-        """Take over up to `count` entries idle longer than the lease (their worker is gone)."""
-        if count <= 0:
-            return []
-        reply = await self.redis.xautoclaim(self.keys.jobs, self.keys.group, self.consumer, self.lease_ms,
-                                            self._cursor, count=count)
-        cursor, items = reply[0], reply[1]
-        self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        entries = await self._with_delivery_counts(items)
-        for entry in entries:
-            logger.info("entry=%s event=reclaimed deliveries=%d", entry.entry_id, entry.num_deliveries)
-        return entries
+        """Take over up to `count` entries idle longer than the lease (their worker is gone), shard after
+        shard from a starting shard that moves on each call, so no shard's dead entries wait on another's."""
+        out: list[Entry] = []
+        num_shards = self.keys.num_shards
+        start, self._next_shard = self._next_shard, (self._next_shard + 1) % num_shards
+        for k in range(num_shards):
+            if len(out) >= count:
+                break
+            shard = self.keys.shards[(start + k) % num_shards]
+            reply = await self.redis.xautoclaim(shard.jobs, self.keys.group, self.consumer, self.lease_ms,
+                                                self._cursors[shard.index], count=count - len(out))
+            cursor, items = reply[0], reply[1]
+            self._cursors[shard.index] = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+            out.extend(await self._with_delivery_counts(items, shard.index))
+        for entry in out:
+            logger.info("entry=%s event=reclaimed shard=%d deliveries=%d", entry.entry_id, entry.shard,
+                        entry.num_deliveries)
+        return out
 
     async def has_pending(self) -> bool:
-        """Whether any entry of the group is unacknowledged (held by any consumer)."""
-        summary = await self.redis.xpending(self.keys.jobs, self.keys.group)
-        return bool(summary and summary.get("pending"))
+        """Whether any entry of the group is unacknowledged (held by any consumer), on any shard."""
+        for shard in self.keys.shards:
+            summary = await self.redis.xpending(shard.jobs, self.keys.group)
+            if summary and summary.get("pending"):
+                return True
+        return False
 
-    async def _with_delivery_counts(self, items: Sequence[Any]) -> list[Entry]:
-        entries = entries_from_reply(items)
+    async def _with_delivery_counts(self, items: Sequence[Any], shard: int) -> list[Entry]:
+        entries = entries_from_reply(items, shard=shard)
         if not entries:
             return []
+        jobs = self.keys.shards[shard].jobs
         pipe = self.redis.pipeline(transaction=False)
         for entry in entries:
-            pipe.xpending_range(self.keys.jobs, self.keys.group, entry.entry_id, entry.entry_id, 1)
+            pipe.xpending_range(jobs, self.keys.group, entry.entry_id, entry.entry_id, 1)
         replies = await pipe.execute()
         for entry, reply in zip(entries, replies, strict=True):
             count = int(reply[0]["times_delivered"]) if reply else 1
