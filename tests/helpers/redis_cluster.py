@@ -68,16 +68,34 @@ class LocalCluster:
                 if attempt == 2:
                     raise
         try:
-            addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
-            proc = subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas",
-                                   str(replicas), "--cluster-yes"], capture_output=True, text=True, timeout=60)
-            if proc.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            if num_masters >= 3:
+                addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+                proc = subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas",
+                                       str(replicas), "--cluster-yes"], capture_output=True, text=True, timeout=60)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"redis-cli --cluster create failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            else:
+                self._join_by_hand(num_masters, replicas)
             self.wait_ok()
             self._first_slots = {port: slot for slot, port in self._slot_owners().items()}
         except BaseException:
             self.close()
             raise
+
+    def _join_by_hand(self, num_masters: int, replicas: int) -> None:
+        """redis-cli refuses fewer than 3 masters: split the slots evenly and MEET (benchmarks only)."""
+        if replicas:
+            raise ValueError("fewer than 3 masters is for benchmarks: replicas=0 only")
+        bounds = [i * 16384 // num_masters for i in range(num_masters + 1)]
+        for i, node in enumerate(self.nodes):
+            client = node.client()
+            try:
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+                if i:
+                    client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+            finally:
+                client.close()
 
     def _start_nodes(self, num_nodes: int, node_timeout_ms: int, extra_args: tuple[str, ...]) -> None:
         for i, port in enumerate(free_cluster_ports(num_nodes)):
