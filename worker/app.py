@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api_client.connection import RETRYABLE_ERRORS, connect_async
+from api_client.keys import Keys
 from worker import health
 from worker.aio import MAX_BACKOFF_S, cancel_requested, retry_forever
 from worker.intake import Intake
@@ -154,12 +155,25 @@ class Worker:
             from worker.celery_door import start_celery_door
 
             self.celery_door = await asyncio.to_thread(start_celery_door, self.settings)
+        await self._warn_other_layout()
         own = cast("list[Entry]", await self._retrying("startup", self.recovery.claim_own_pending))
         if own:
             await self.intake.admit(own)
         logger.info("worker ready consumer=%s prefix=%s max_num_seqs=%d lease_s=%s burst=%s",
                     self.settings.consumer, self.settings.prefix, self.settings.max_num_seqs,
                     self.settings.lease_s, self.burst)
+
+    async def _warn_other_layout(self) -> None:
+        """Jobs waiting under the other key layout (v1 vs hash-tagged) are jobs of producers configured
+        otherwise (TOKENRELAY_QUEUE_SHARDS / TOKENRELAY_REDIS_CLUSTER): nobody reads them. Say so."""
+        keys = self.keys
+        other = Keys(keys.prefix).jobs if keys.is_tagged else Keys(keys.prefix, num_shards=2).shards[0].jobs
+        with contextlib.suppress(RedisError, *RETRYABLE_ERRORS):
+            waiting = await self.redis.xlen(other)
+            if waiting:
+                logger.warning("%d entries wait in %s, which this worker does not read (redis_cluster=%s "
+                               "queue_shards=%d): give producers and workers the same layout", waiting, other,
+                               keys.cluster, keys.num_shards)
 
     async def _drain(self, intake: asyncio.Task[None]) -> None:
         """Stop taking work (the intake finishes its current read), let running jobs end in time."""
