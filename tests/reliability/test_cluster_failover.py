@@ -68,11 +68,9 @@ def test_a_master_failover_under_load_ends_every_job_once(workers: Callable[...,
         assert untouched and all(outcomes[j] == "done:length" for j in untouched), outcomes
         # On loopback the replica is seldom behind: most jobs of the failed-over shards survive too.
         assert sum(o == "done:length" for o in outcomes.values()) >= NUM_JOBS * 3 // 4, outcomes
-        wait_until(lambda: num_pending(raw, keys) == 0, timeout_s=60, what="every entry acked")
+        wait_until(lambda: num_pending(raw, keys) == 0, timeout_s=60, what=f"every entry acked ({outcomes})")
         logs = "".join(w.logs() for w in pool)
         assert all(w.is_alive for w in pool), logs[-3000:]
-        assert "Connect call failed" in logs or "Connection refused" in logs or "Error 111" in logs, \
-            "no worker noticed the dead master"
         print(f"failover_s={failover_s:.1f} outcomes={sorted(set(outcomes.values()))}")
         for w in pool:
             assert w.stop() == 0, w.logs()[-3000:]
