@@ -12,7 +12,6 @@ from types import TracebackType
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
 from api_client.client import (
     CANCEL_TTL_S,
@@ -29,13 +28,14 @@ from api_client.client import (
     build_job,
     completion_from_event,
     event_from_fields,
+    make_keys,
     reconnect_delay_s,
     stream_entries,
-    submit_keys,
     submitted,
     with_id,
 )
-from api_client.keys import LANES, Keys
+from api_client.connection import RETRYABLE_ERRORS, AsyncRedis, connect_async
+from api_client.keys import DEFAULT_LANE, LANES, Keys, submit_keys
 from api_client.schema import Completion, Job, Message
 from api_client.status import (
     STATUS_SCRIPT,
@@ -47,23 +47,25 @@ from api_client.status import (
 )
 
 logger = logging.getLogger(__name__)
-_RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
+_RETRYABLE = RETRYABLE_ERRORS
 
 
 class AsyncClient:
-    """Asyncio producer client. `AsyncClient(redis_url)` owns its connection; `AsyncClient(redis=r)` borrows r."""
+    """Asyncio producer client. `AsyncClient(redis_url)` owns its connection; `AsyncClient(redis=r)` borrows r.
+    `cluster` and `num_shards` as on Client (redis.asyncio.cluster.RedisCluster in cluster mode)."""
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, prefix: str = "tokenrelay", *,
-                 redis: aioredis.Redis | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
-                 unknown_timeout_s: float | None = UNKNOWN_TIMEOUT_S, **redis_kwargs: Any) -> None:
-        self.keys = Keys(prefix)
+                 redis: AsyncRedis | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+                 unknown_timeout_s: float | None = UNKNOWN_TIMEOUT_S, cluster: bool | None = None,
+                 num_shards: int | None = None, keys: Keys | None = None, **redis_kwargs: Any) -> None:
+        self.keys = keys if keys is not None else make_keys(prefix, num_shards, cluster)
         self.reconnect_timeout_s = reconnect_timeout_s
         self.unknown_timeout_s = unknown_timeout_s
         self._owns_redis = redis is None
         if redis is None:
             redis_kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT_S)
             redis_kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT_S)
-            redis = aioredis.Redis.from_url(redis_url, **redis_kwargs)
+            redis = connect_async(redis_url, cluster=self.keys.cluster, **redis_kwargs)
         self.redis = redis
         self._submit_script = redis.register_script(SUBMIT_SCRIPT)
         self._status_script = redis.register_script(STATUS_SCRIPT)
@@ -84,7 +86,7 @@ class AsyncClient:
         """Enqueue an already built Job (an id is made if it has none) with its marker; returns its id."""
         job = with_id(job)
         assert job.id is not None
-        reply = await self._submit_script(keys=submit_keys(self.keys, job),
+        reply = await self._submit_script(keys=submit_keys(self.keys, job.id, job.lane or DEFAULT_LANE),
                                           args=[job.to_json(), marker_ttl_s(job.result_ttl_s)])
         return submitted(job.id, reply)
 
@@ -156,7 +158,7 @@ class AsyncClient:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    async def _wait_reconnect(self, exc: Exception, down_since: float, deadline: _Deadline) -> None:
+    async def _wait_reconnect(self, exc: BaseException, down_since: float, deadline: _Deadline) -> None:
         waited = time.monotonic() - down_since
         left = deadline.remaining()
         if left is None and waited > self.reconnect_timeout_s:

@@ -81,7 +81,7 @@ return 1
 
 
 class BatchApiError(ValueError):
-    """A request the Batch API refuses: `status` is the HTTP status (400 or 404)."""
+    """A request the Batch API refuses: `status` is the HTTP status (400, 404, or 501 in the tagged layout)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -89,6 +89,15 @@ class BatchApiError(ValueError):
         self.message = message
         self.param = param
         self.code = code
+
+
+def tagged_layout_refusal() -> BatchApiError:
+    """The Batch API keeps one batch's lines, results and its jobs' keys together and is written for the
+    v1 (untagged) layout; with Redis Cluster or several shards it is refused (docs/protocol.md, "Known
+    limits"). Lanes, including the batch lane through per-job submits, work in both layouts."""
+    return BatchApiError(501, "the Batch API is not available with Redis Cluster or more than one queue shard "
+                              "(the v1.1 hash-tagged key layout); submit jobs one by one with lane=\"batch\"",
+                         code="unsupported_layout")
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,8 @@ class BatchStore:
     """Files and batches under one key prefix, over a synchronous redis-py client."""
 
     def __init__(self, redis_client: redis.Redis, keys: Keys, config: BatchConfig | None = None) -> None:
+        if keys.is_tagged:
+            raise tagged_layout_refusal()
         self.redis: Any = redis_client  # redis-py's reply types are unions of every RESP shape
         self.keys = keys
         self.config = config or BatchConfig()

@@ -12,12 +12,13 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import redis
 from pydantic import ValidationError
 
-from api_client.keys import DEFAULT_LANE, EVENT_FIELD, LANES, Keys
+from api_client.connection import RETRYABLE_ERRORS, SyncRedis, cluster_from_env, connect
+from api_client.keys import DEFAULT_LANE, EVENT_FIELD, LANES, Keys, submit_keys
 from api_client.schema import (
     Completion,
     DoneEvent,
@@ -49,7 +50,8 @@ CANCEL_TTL_S = 3600  # a cancel key outlives any job that could still read it
 RECONNECT_TIMEOUT_S = 30.0  # give up when Redis stays unreachable this long (without a stream timeout)
 UNKNOWN_TIMEOUT_S = 60.0  # a wait on a job that stays unknown this long (never seen) raises JobLost
 STATUS_CHECK_S = 5.0  # while no event arrives, a wait asks the job's status this often
-_RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
+_RETRYABLE = RETRYABLE_ERRORS
+SHARDS_ENV = "TOKENRELAY_QUEUE_SHARDS"
 
 
 class JobFailed(RuntimeError):
@@ -117,12 +119,6 @@ def build_job(prompt: str | None, *, messages: Sequence[Mapping[str, Any] | Mess
         return Job.model_validate(fields)
     except ValidationError as exc:
         raise JobError("invalid_request", validation_message(exc), job_id) from None
-
-
-def submit_keys(keys: Keys, job: Job) -> list[str]:
-    """KEYS of SUBMIT_SCRIPT for one job (with an id): result, marker, its lane's stream."""
-    assert job.id is not None
-    return [keys.result(job.id), keys.job(job.id), keys.lane_jobs(job.lane or DEFAULT_LANE)]
 
 
 def as_str(value: bytes | str) -> str:
@@ -215,20 +211,34 @@ class _LossWatch:
                           self.job_id)
 
 
+def make_keys(prefix: str, num_shards: int | None, cluster: bool | None) -> Keys:
+    """Keys for a client: arguments left None come from TOKENRELAY_QUEUE_SHARDS / TOKENRELAY_REDIS_CLUSTER,
+    as the worker reads them (producers and workers must agree on the layout)."""
+    if num_shards is None:
+        raw = os.environ.get(SHARDS_ENV, "1").strip() or "1"
+        if not raw.isdigit():
+            raise ValueError(f"{SHARDS_ENV} must be a positive integer, got {raw!r}")
+        num_shards = int(raw)
+    return Keys(prefix, num_shards=num_shards, cluster=cluster_from_env() if cluster is None else cluster)
+
+
 class Client:
-    """Synchronous producer client. `Client(redis_url)` owns its connection; `Client(redis=r)` borrows r."""
+    """Synchronous producer client. `Client(redis_url)` owns its connection; `Client(redis=r)` borrows r.
+    `cluster=True`: redis-py's RedisCluster from any node's URL; `num_shards`: the workers'
+    TOKENRELAY_QUEUE_SHARDS (both default to those environment variables)."""
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, prefix: str = "tokenrelay", *,
-                 redis: redis.Redis | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
-                 unknown_timeout_s: float | None = UNKNOWN_TIMEOUT_S, **redis_kwargs: Any) -> None:
-        self.keys = Keys(prefix)
+                 redis: SyncRedis | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+                 unknown_timeout_s: float | None = UNKNOWN_TIMEOUT_S, cluster: bool | None = None,
+                 num_shards: int | None = None, keys: Keys | None = None, **redis_kwargs: Any) -> None:
+        self.keys = keys if keys is not None else make_keys(prefix, num_shards, cluster)
         self.reconnect_timeout_s = reconnect_timeout_s
         self.unknown_timeout_s = unknown_timeout_s
         self._owns_redis = redis is None
         if redis is None:
             redis_kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT_S)
             redis_kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT_S)
-            redis = _redis_from_url(redis_url, **redis_kwargs)
+            redis = connect(redis_url, cluster=self.keys.cluster, **redis_kwargs)
         self.redis = redis
         self._submit_script = redis.register_script(SUBMIT_SCRIPT)
         self._status_script = redis.register_script(STATUS_SCRIPT)
@@ -250,7 +260,8 @@ class Client:
         """Enqueue an already built Job (an id is made if it has none) with its marker; returns its id."""
         job = with_id(job)
         assert job.id is not None
-        reply = self._submit_script(keys=submit_keys(self.keys, job), args=[job.to_json(), marker_ttl_s(job.result_ttl_s)])
+        reply = self._submit_script(keys=submit_keys(self.keys, job.id, job.lane or DEFAULT_LANE),
+                                    args=[job.to_json(), marker_ttl_s(job.result_ttl_s)])
         return submitted(job.id, reply)
 
     # ---- the OpenAI Batch API without HTTP (api_client/batches.py) -------------------------------
@@ -288,7 +299,7 @@ class Client:
         from api_client.batches import BatchStore  # the request models it uses import this module
 
         if self._batches is None:
-            self._batches = BatchStore(self.redis, self.keys)
+            self._batches = BatchStore(cast("redis.Redis", self.redis), self.keys)  # refuses the tagged layout
         return self._batches
 
     def status(self, job_id: str) -> JobStatus:
@@ -362,7 +373,7 @@ class Client:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _wait_reconnect(self, exc: Exception, down_since: float, deadline: _Deadline) -> None:
+    def _wait_reconnect(self, exc: BaseException, down_since: float, deadline: _Deadline) -> None:
         waited = time.monotonic() - down_since
         left = deadline.remaining()
         if left is None and waited > self.reconnect_timeout_s:
@@ -375,6 +386,3 @@ class Client:
 def reconnect_delay_s(waited_s: float) -> float:
     return min(1.0, 0.05 + waited_s / 4)
 
-
-def _redis_from_url(url: str, **kwargs: Any) -> redis.Redis:
-    return redis.Redis.from_url(url, **kwargs)

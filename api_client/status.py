@@ -117,8 +117,10 @@ class JobStatus:
 
 
 def status_args(keys: Keys, job_id: str, lane: str = DEFAULT_LANE) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of STATUS_SCRIPT, looking for the job's entry in `lane`'s stream."""
-    return [keys.job(job_id), keys.result(job_id), keys.lane_jobs(lane), keys.cancel(job_id)], [keys.group, job_id]
+    """KEYS and ARGV of STATUS_SCRIPT, looking for the job's entry in `lane`'s stream on its shard."""
+    shard = keys.for_job(job_id)
+    return ([shard.job(job_id), shard.result(job_id), shard.lane_jobs(lane), shard.cancel(job_id)],
+            [keys.group, job_id])
 
 
 def status_from_reply(job_id: str, reply: list[Any]) -> JobStatus:

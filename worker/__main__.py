@@ -104,14 +104,15 @@ def _claim_consumer_name_early(settings: WorkerSettings, incarnation: str) -> bo
     """Take the consumer name before the model loads, so that a second worker under a live one's name
     fails in seconds (False: it printed why). Skipped when Redis does not answer yet: the startup
     claims the name anyway, once Redis answers (worker/health.py)."""
-    from redis.asyncio import Redis
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
+    from api_client.connection import connect_async
     from worker import health
 
     async def claim() -> None:
-        client = Redis.from_url(settings.redis_url, socket_timeout=settings.socket_timeout_s,
-                                socket_connect_timeout=min(EARLY_CLAIM_CONNECT_TIMEOUT_S, settings.socket_timeout_s))
+        client = connect_async(settings.redis_url, cluster=settings.redis_cluster,
+                               socket_timeout=settings.socket_timeout_s,
+                               socket_connect_timeout=min(EARLY_CLAIM_CONNECT_TIMEOUT_S, settings.socket_timeout_s))
         try:
             await health.claim(client, settings.keys, settings.consumer, incarnation, settings.heartbeat_ttl_s,
                                health.heartbeat_value(settings.consumer, incarnation, 0, None,
@@ -124,7 +125,7 @@ def _claim_consumer_name_early(settings: WorkerSettings, incarnation: str) -> bo
     except health.ConsumerNameInUseError as exc:
         print(str(exc), file=sys.stderr)
         return False
-    except (RedisError, OSError) as exc:  # unreachable, or refused credentials: the startup says which
+    except (RedisError, RedisClusterException, OSError) as exc:  # unreachable, or refused credentials: the startup says which
         logger.info("consumer name check before loading skipped (%s); the startup makes it", exc)
     return True
 

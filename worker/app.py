@@ -15,15 +15,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api_client.connection import RETRYABLE_ERRORS, connect_async
+from api_client.keys import Keys
 from worker import health
 from worker.aio import MAX_BACKOFF_S, cancel_requested, retry_forever
 from worker.intake import Intake
-from worker.jobs import AbortReason, JobTable
+from worker.jobs import AbortReason, JobTable, RunningJob
 from worker.lua import Scripts
 from worker.metrics import Metrics, queue_state
 from worker.publisher import Publisher
@@ -41,7 +42,12 @@ LOOP_EXIT_TIMEOUT_S = 5.0  # cancelled background loops must end within this
 STUCK_STOP_SLACK_S = 60.0  # a stop still running this long after drain + hand-back dumps every stack
 OUTAGE_LOG_EVERY_S = 10.0  # while Redis is down, each loop logs at most this often
 LANE_FULL_BLOCK_MS = 10  # the read's BLOCK while some lane has no room (its seats free without a wake-up)
-_INTAKE_RETRY = retry_forever(0.05, (RedisError, OSError))
+# Every Redis failure (incl. a cluster between a master's death and its replica's promotion)...
+_REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError, *RETRYABLE_ERRORS)
+# ...and those that heal by waiting (not a refused command or credentials).
+_UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError,
+                                                    *RETRYABLE_ERRORS)
+_INTAKE_RETRY = retry_forever(0.05, _REDIS_ERRORS)
 
 
 class StartupStoppedError(Exception):
@@ -59,11 +65,10 @@ class Worker:
         # This run's token in the heartbeat: tells our own heartbeat from another run's under one name.
         self.incarnation = incarnation or uuid.uuid4().hex
         self.keys = settings.keys
-        self.redis: Redis = Redis.from_url(
-            settings.redis_url, socket_timeout=settings.socket_timeout_s,
+        self.redis: Any = connect_async(
+            settings.redis_url, cluster=settings.redis_cluster, socket_timeout=settings.socket_timeout_s,
             socket_connect_timeout=settings.socket_timeout_s, health_check_interval=30)
-        self.scripts = Scripts(self.redis, self.keys.jobs, self.keys.dead, self.keys.group, settings.consumer,
-                               keys=self.keys)
+        self.scripts = Scripts(self.redis, self.keys, settings.consumer)
         self.metrics = Metrics()
         self.table = JobTable(abort_request=engine.abort)
         self.publisher = Publisher(self.redis, self.keys, self.scripts, self.table, engine, self.metrics,
@@ -151,12 +156,25 @@ class Worker:
             from worker.celery_door import start_celery_door
 
             self.celery_door = await asyncio.to_thread(start_celery_door, self.settings)
+        await self._warn_other_layout()
         own = cast("list[Entry]", await self._retrying("startup", self.recovery.claim_own_pending))
         if own:
             await self.intake.admit(own)
         logger.info("worker ready consumer=%s prefix=%s max_num_seqs=%d lease_s=%s burst=%s",
                     self.settings.consumer, self.settings.prefix, self.settings.max_num_seqs,
                     self.settings.lease_s, self.burst)
+
+    async def _warn_other_layout(self) -> None:
+        """Jobs waiting under the other key layout (v1 vs hash-tagged) are jobs of producers configured
+        otherwise (TOKENRELAY_QUEUE_SHARDS / TOKENRELAY_REDIS_CLUSTER): nobody reads them. Say so."""
+        keys = self.keys
+        other = Keys(keys.prefix).jobs if keys.is_tagged else Keys(keys.prefix, num_shards=2).shards[0].jobs
+        with contextlib.suppress(RedisError, *RETRYABLE_ERRORS):
+            waiting = await self.redis.xlen(other)
+            if waiting:
+                logger.warning("%d entries wait in %s, which this worker does not read (redis_cluster=%s "
+                               "queue_shards=%d): give producers and workers the same layout", waiting, other,
+                               keys.cluster, keys.num_shards)
 
     async def _drain(self, intake: asyncio.Task[None]) -> None:
         """Stop taking work (the intake finishes its current read), let running jobs end in time."""
@@ -204,11 +222,18 @@ class Worker:
         while not self.is_stopping:
             try:
                 await _INTAKE_RETRY.call_with_retry(self._intake_once, self._intake_unreachable)
-            except (RedisError, OSError):
+            except _REDIS_ERRORS:
                 continue  # stopping: the loop ends
             except Exception:  # a bug must not stop the intake for good
                 logger.exception("intake failed; retrying in %.2fs", MAX_BACKOFF_S)
                 await asyncio.sleep(MAX_BACKOFF_S)
+        # Shard reads still in flight deliver to us: serve what they read (the drain hands it back).
+        try:
+            rest = await self.intake.reader.finish()
+            if rest:
+                await self.intake.admit(rest)
+        finally:
+            self.intake.reader.cancel()
 
     async def _intake_once(self) -> None:
         room = self.intake.room_by_lane()
@@ -255,9 +280,9 @@ class Worker:
                 await self.intake.admit(entries)
 
     async def _trim(self) -> None:
-        """Drop served entries from each lane's stream. Delivery is in id order, so every entry older
-        than both the group's last delivered entry and its oldest pending one has been acknowledged."""
-        for stream in self.keys.lane_streams.values():
+        """Drop served entries from every (lane, shard) job stream. Delivery is in id order, so every entry
+        older than both the group's last delivered entry and its oldest pending one has been acknowledged."""
+        for stream in (s for shard in self.keys.shards for s in shard.lane_streams.values()):
             groups = await self.redis.xinfo_groups(stream)
             group = next((g for g in groups if _text(g.get("name")) == self.keys.group), None)
             if group is None:
@@ -274,7 +299,7 @@ class Worker:
         jobs = [job for job in self.table if job.abort_reason is None]
         if not jobs:
             return
-        flags = await self.redis.mget([self.keys.cancel(job.job_id) for job in jobs])
+        flags = await self._cancel_flags(jobs)
         now_ms = time.time() * 1000
         for job, flag in zip(jobs, flags, strict=True):
             reason = None
@@ -284,6 +309,24 @@ class Worker:
                 reason = AbortReason.EXPIRED
             if reason is not None and self.table.abort(job, reason):
                 logger.info("job=%s event=abort reason=%s", job.job_id, reason.value)
+
+    async def _cancel_flags(self, jobs: list[RunningJob]) -> list[Any]:
+        """Each job's cancel key, one MGET per shard (an MGET cannot span cluster slots)."""
+        by_shard: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_shard.setdefault(job.entry.shard, []).append(i)
+        if len(by_shard) == 1:
+            return list(await self.redis.mget([self.keys.cancel(job.job_id) for job in jobs]))
+        flags: list[Any] = [None] * len(jobs)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for indexes in by_shard.values():
+                # execute_command: a cluster pipeline refuses its mget method (one slot per MGET here).
+                pipe.execute_command("MGET", *[self.keys.cancel(jobs[i].job_id) for i in indexes])
+            replies = await pipe.execute()
+        for indexes, values in zip(by_shard.values(), replies, strict=True):
+            for i, value in zip(indexes, values, strict=True):
+                flags[i] = value
+        return flags
 
     def _heartbeat_value(self) -> str:
         stats = self.engine.stats()
@@ -312,8 +355,11 @@ class Worker:
 
     async def _update_metrics(self) -> None:
         self.metrics.update_engine(self.engine.stats(), len(self.table))
-        for lane, stream in self.keys.lane_streams.items():
-            self.metrics.update_queue(lane, await queue_state(self.redis, stream, self.keys.group))
+        states = {}
+        for shard in self.keys.shards:
+            for lane, stream in shard.lane_streams.items():
+                states[lane, shard.index] = await queue_state(self.redis, stream, self.keys.group)
+        self.metrics.update_queue(states)
 
     async def _watch_engine(self) -> None:
         if self.engine.error is not None and not self.is_stopping:
@@ -334,7 +380,7 @@ class Worker:
                 if failures:
                     logger.info("%s: Redis answers again after %d failed attempts", name, failures)
                     failures = 0
-            except (RedisError, OSError) as exc:
+            except _REDIS_ERRORS as exc:
                 if cancel_requested():
                     raise asyncio.CancelledError from exc
                 failures += 1
@@ -368,7 +414,7 @@ class Worker:
                 return attempt.result()
             except (AuthenticationError, AuthorizationError):
                 raise  # wrong credentials never heal by waiting: `python -m worker` exits 2
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except _UNREACHABLE_ERRORS as exc:
                 if cancel_requested():
                     raise
                 if self.is_stopping:

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import redis
 from celery import Celery
 from celery.app import trace
 from celery.exceptions import Reject
@@ -26,7 +25,8 @@ from celery.worker import state as worker_state
 
 from api_client.celery import JSON_ONLY, TASK_NAME, GenerationFailed, job_from_kwargs
 from api_client.client import DEFAULT_REDIS_URL, event_from_fields, stream_entries
-from api_client.keys import DEFAULT_LANE, DEFAULT_PREFIX, EVENT_FIELD, Keys
+from api_client.connection import RETRYABLE_ERRORS, cluster_from_env, connect
+from api_client.keys import DEFAULT_LANE, DEFAULT_PREFIX, EVENT_FIELD, Keys, submit_keys
 from api_client.schema import Completion, DoneEvent, ErrorEvent, JobError, dump_event
 from api_client.status import SUBMIT_SCRIPT, marker_ttl_s
 
@@ -63,14 +63,23 @@ class DoorConfig:
     redis_url: str = DEFAULT_REDIS_URL
     prefix: str = DEFAULT_PREFIX
     result_ttl_s: int = 3600  # as the worker's result_ttl_s: the marker lives as long as a result stream
+    redis_cluster: bool = False  # the stream path's Redis is a Redis Cluster (the broker is Celery's own)
+    queue_shards: int = 1  # as the workers' queue_shards
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix, num_shards=self.queue_shards, cluster=self.redis_cluster)
 
     @classmethod
     def from_env(cls) -> DoorConfig:
-        """TOKENRELAY_REDIS_URL, TOKENRELAY_PREFIX, TOKENRELAY_RESULT_TTL_S (for standalone Celery workers)."""
+        """TOKENRELAY_REDIS_URL, TOKENRELAY_PREFIX, TOKENRELAY_RESULT_TTL_S, TOKENRELAY_REDIS_CLUSTER and
+        TOKENRELAY_QUEUE_SHARDS (for standalone Celery workers)."""
         env = os.environ
         return cls(redis_url=env.get("TOKENRELAY_REDIS_URL", DEFAULT_REDIS_URL),
                    prefix=env.get("TOKENRELAY_PREFIX", DEFAULT_PREFIX),
-                   result_ttl_s=int(env.get("TOKENRELAY_RESULT_TTL_S", "3600")))
+                   result_ttl_s=int(env.get("TOKENRELAY_RESULT_TTL_S", "3600")),
+                   redis_cluster=cluster_from_env(dict(env)),
+                   queue_shards=int(env.get("TOKENRELAY_QUEUE_SHARDS", "1")))
 
 
 class Shim:
@@ -78,10 +87,10 @@ class Shim:
 
     def __init__(self, config: DoorConfig) -> None:
         self.config = config
-        self.keys = Keys(config.prefix)
+        self.keys = config.keys
         # One thread-safe client (a connection pool) for every task thread.
-        self.redis = redis.Redis.from_url(config.redis_url, socket_timeout=SOCKET_TIMEOUT_S,
-                                          socket_connect_timeout=SOCKET_TIMEOUT_S)
+        self.redis = connect(config.redis_url, cluster=config.redis_cluster, socket_timeout=SOCKET_TIMEOUT_S,
+                             socket_connect_timeout=SOCKET_TIMEOUT_S)
         self._enqueue = self.redis.register_script(SUBMIT_SCRIPT)
         self._fail = self.redis.register_script(_FAIL)
         self._stopping = threading.Event()
@@ -104,8 +113,7 @@ class Shim:
             raise GenerationFailed(exc.code, exc.message, job_id) from None
         ttl_s = job.result_ttl_s or self.config.result_ttl_s
         with _requeue_when_redis_is_down(job_id):
-            reply = self._enqueue(keys=[self.keys.result(job_id), marker_key(self.keys, job_id),
-                                        self.keys.lane_jobs(job.lane or DEFAULT_LANE)],
+            reply = self._enqueue(keys=submit_keys(self.keys, job_id, job.lane or DEFAULT_LANE),
                                   args=[job.to_json(), marker_ttl_s(ttl_s)])
         is_new = int(reply[0]) == 1
         logger.info("job=%s event=celery_%s", job_id, "enqueued" if is_new else "rejoined")
@@ -121,7 +129,7 @@ class Shim:
                 raise Reject("the Celery door is stopping: the task goes back to the broker", requeue=True)
             try:
                 reply: Any = self.redis.xread({key: last_id}, count=256, block=BLOCK_MS)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except RETRYABLE_ERRORS as exc:
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > REDIS_DOWN_LIMIT_S:
                     raise Reject(f"Redis unreachable for {REDIS_DOWN_LIMIT_S:.0f} s: {exc}", requeue=True) from None
@@ -142,7 +150,7 @@ def _requeue_when_redis_is_down(job_id: str) -> Iterator[None]:
     # Redis that stays down is not hammered by the same task.
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except RETRYABLE_ERRORS as exc:
         logger.warning("job=%s event=redis_unreachable error=%s: task handed back", job_id, exc)
         time.sleep(1.0)
         raise Reject(f"Redis unreachable: {exc}", requeue=True) from None
@@ -185,6 +193,8 @@ class DoorSettings(Protocol):
     redis_url: str
     prefix: str
     result_ttl_s: int
+    redis_cluster: bool
+    queue_shards: int
     consumer: str
     celery_queue: str | None
     celery_broker_url: str | None
@@ -245,7 +255,8 @@ def start_celery_door(settings: DoorSettings) -> CeleryDoor | None:
     """Serve tokenrelay.generate from settings.celery_queue inside this process; None when it is unset."""
     if not settings.celery_queue:
         return None
-    config = DoorConfig(redis_url=settings.redis_url, prefix=settings.prefix, result_ttl_s=settings.result_ttl_s)
+    config = DoorConfig(redis_url=settings.redis_url, prefix=settings.prefix, result_ttl_s=settings.result_ttl_s,
+                        redis_cluster=settings.redis_cluster, queue_shards=settings.queue_shards)
     app = make_celery_app(config, broker_url=settings.celery_broker_url or settings.redis_url)
     door = CeleryDoor(app, settings.celery_queue, settings.celery_concurrency,
                       hostname=f"tokenrelay-door@{settings.consumer}")

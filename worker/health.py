@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 import redis
-from redis.asyncio import Redis
+import redis.exceptions
 from redis.exceptions import NoPermissionError
 
+from api_client.connection import AsyncRedis, connect
 from api_client.keys import Keys
 from engine.stats import EngineStats
 from worker.settings import ENV_PREFIX
@@ -67,7 +68,7 @@ def heartbeat_value(consumer: str, incarnation: str, num_jobs: int, stats: Engin
     })
 
 
-async def beat(client: Redis, keys: Keys, consumer: str, incarnation: str, ttl_s: float, value: str) -> bool:
+async def beat(client: AsyncRedis, keys: Keys, consumer: str, incarnation: str, ttl_s: float, value: str) -> bool:
     """Refresh this run's heartbeat; False when another run of the same consumer name holds it."""
     ttl_ms = max(1, int(ttl_s * 1000))
     written = await client.eval(_BEAT, 1, keys.heartbeat(consumer), incarnation, value,
@@ -81,7 +82,7 @@ async def beat(client: Redis, keys: Keys, consumer: str, incarnation: str, ttl_s
     return bool(written)
 
 
-async def clear(client: Redis, keys: Keys, consumer: str, incarnation: str) -> None:
+async def clear(client: AsyncRedis, keys: Keys, consumer: str, incarnation: str) -> None:
     """Remove this run's heartbeat (a clean stop), never another run's."""
     if await client.eval(_CLEAR, 1, keys.heartbeat(consumer), incarnation):  # type: ignore[no-untyped-call]
         async with client.pipeline(transaction=False) as pipe:
@@ -106,7 +107,7 @@ def _check_live_set_replies(replies: list[Any]) -> None:
             raise reply
 
 
-async def claim(client: Redis, keys: Keys, consumer: str, incarnation: str, ttl_s: float, value: str) -> None:
+async def claim(client: AsyncRedis, keys: Keys, consumer: str, incarnation: str, ttl_s: float, value: str) -> None:
     """Take the consumer name for this run. Waits while the heartbeat of an earlier run (a crashed
     worker) runs out; raises ConsumerNameInUseError when the heartbeat is refreshed meanwhile."""
     key = keys.heartbeat(consumer)
@@ -153,15 +154,15 @@ def check(redis_url: str, keys: Keys, consumer: str, stall_s: float,
     """(ok, message) for `python -m worker --check`: ok when `consumer`'s heartbeat is alive and its
     engine has not gone `stall_s` without a step while it had work."""
     try:
-        client = redis.Redis.from_url(redis_url, socket_timeout=socket_timeout_s,
-                                      socket_connect_timeout=socket_timeout_s)
+        client = connect(redis_url, cluster=keys.cluster, socket_timeout=socket_timeout_s,
+                         socket_connect_timeout=socket_timeout_s)
         try:
             value = client.get(keys.heartbeat(consumer))
             others = [] if value is not None else [
                 keys.consumer_from_heartbeat(k) for k in client.scan_iter(match=keys.heartbeat_pattern, count=1000)]
         finally:
             client.close()
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         return False, f"cannot reach Redis at {_redact(redis_url)}: {exc}"
     if value is None:
         hint = (f"; live consumers under this prefix: {', '.join(sorted(others))} (is {ENV_PREFIX}CONSUMER "

@@ -16,15 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from api_client.keys import JOB_FIELD, LANES, Keys
+from api_client.keys import JOB_FIELD, JOB_ID_FIELD, LANES, Keys
 from api_client.schema import DoneEvent, ErrorEvent, Job, JobError, parse_job
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from worker.jobs import AbortReason, Entry, JobTable, RunningJob, done_event, entries_from_reply
+from worker.jobs import AbortReason, Entry, JobTable, RunningJob, done_event
+from worker.lua import REDELIVERIES_FIELD
+from worker.reader import ShardReader
 from worker.recovery import Progress, load_progress
 from worker.settings import WorkerSettings
 
@@ -83,7 +84,7 @@ class OutputHandoff:
 
 
 class Intake:
-    def __init__(self, redis: Redis, settings: WorkerSettings, table: JobTable, engine: EngineFrontend,
+    def __init__(self, redis: Any, settings: WorkerSettings, table: JobTable, engine: EngineFrontend,
                  publisher: Publisher) -> None:
         self.redis = redis
         self.settings = settings
@@ -92,6 +93,7 @@ class Intake:
         self.engine = engine
         self.publisher = publisher
         self._handoff: OutputHandoff | None = None  # made on first use, in the running loop
+        self.reader = ShardReader(redis, self.keys, settings.consumer, self.ensure_group)
 
     def room_by_lane(self) -> dict[str, int]:
         """Jobs to read now from each lane, highest lane first. A lane's room is the most jobs held
@@ -113,45 +115,36 @@ class Intake:
         return {lane: max(0, n) for lane, n in room.items()}
 
     async def ensure_group(self) -> None:
-        """The consumer group on every lane's stream (created at id 0 with MKSTREAM)."""
-        for stream in self.keys.lane_streams.values():
-            try:
-                await self.redis.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
-                logger.info("created group %s on %s", self.keys.group, stream)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        """The consumer group on every shard's stream of every lane (created at id 0 with MKSTREAM)."""
+        for shard in self.keys.shards:
+            for stream in shard.lane_streams.values():
+                try:
+                    await self.redis.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
+                    logger.info("created group %s on %s", self.keys.group, stream)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
 
     async def read(self, room: dict[str, int], block_ms: int) -> list[Entry]:
-        """New entries, up to room[lane] from each lane in rank order; a lane is read only when the
-        lanes above it had fewer new entries than their room. When no lane has any, one blocking
-        XREADGROUP on every lane with room (COUNT 1 each: it only wakes the intake, which then fills
-        the rest in order). Recreates the groups when missing (NOGROUP)."""
-        try:
-            for lane, stream in self.keys.lane_streams.items():
-                if room.get(lane, 0) > 0:
-                    entries = await self._read({stream: lane}, room[lane], None)
-                    if entries:
-                        return entries
-            streams = {self.keys.lane_jobs(lane): lane for lane, n in room.items() if n > 0}
-            return await self._read(streams, 1, block_ms) if streams else []
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            logger.warning("group %s missing (Redis restarted or flushed?): recreating it", self.keys.group)
-            await self.ensure_group()
-            return []
+        """XREADGROUP up to room[lane] new entries of each lane, lanes first, from the shards
+        (worker/reader.py)."""
+        return await self.reader.read(room, block_ms)
 
-    async def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Entry]:
-        reply = await self.redis.xreadgroup(self.keys.group, self.settings.consumer, dict.fromkeys(streams, ">"),
-                                            count=count, block=block_ms)
-        out: list[Entry] = []
-        replies: list[Any] = list(reply or [])
-        for stream, items in replies:
-            lane = streams[stream.decode() if isinstance(stream, bytes) else stream]
-            out.extend(entries_from_reply(items, lane=lane))
-        out.sort(key=lambda e: e.lane_rank)
-        return out
+    async def _moved(self, entry: Entry, job_id: str) -> bool:
+        """A job queued on another shard than its id's (a producer that does not know the shard
+        count): its keys live on its id's shard, so it moves there, in its own lane (a new entry
+        carrying its id and deliveries, then the ack here: at least once, and a duplicate is skipped).
+        False: it is home."""
+        target = self.keys.for_job(job_id)
+        if target.index == entry.shard:
+            return False
+        fields: dict[Any, Any] = {k.decode(errors="replace"): v for k, v in entry.fields.items()}
+        fields.update({JOB_ID_FIELD: job_id, REDELIVERIES_FIELD: max(0, entry.num_deliveries - 1)})
+        await self.redis.xadd(target.lane_jobs(entry.lane), fields)
+        await self.redis.xack(self.keys.shards[entry.shard].lane_jobs(entry.lane), self.keys.group, entry.entry_id)
+        logger.info("job=%s event=moved entry=%s lane=%s from_shard=%d to_shard=%d", job_id, entry.entry_id,
+                    entry.lane, entry.shard, target.index)
+        return True
 
     async def admit(self, entries: list[Entry]) -> None:
         """Validate and submit entries (fresh or reclaimed); the rest get their final event here."""
@@ -165,10 +158,14 @@ class Intake:
             try:
                 job = parse_job(raw, self.settings.max_job_bytes)
             except JobError as exc:
+                if exc.job_id and await self._moved(entry, exc.job_id):
+                    continue
                 await self._carry_out(entry, exc.job_id, Decision(Verdict.REJECT, code=exc.code, message=exc.message))
                 continue
             # A job without an id is known by its entry id (carried along when it is handed back).
-            parsed.append((entry, job, job.id or entry.carried_job_id or entry.entry_id))
+            job_id = job.id or entry.carried_job_id or entry.entry_id
+            if not await self._moved(entry, job_id):
+                parsed.append((entry, job, job_id))
         if not parsed:
             return
         progress = await load_progress(self.redis, self.keys, [job_id for _, _, job_id in parsed])
@@ -243,7 +240,8 @@ class Intake:
         verdict, running = decision.verdict, decision.running
         if verdict is Verdict.SKIP:
             if decision.reason:  # a redelivery nobody needs: acknowledge it
-                await self.redis.xack(self.keys.lane_jobs(entry.lane), self.keys.group, entry.entry_id)
+                await self.redis.xack(self.keys.shards[entry.shard].lane_jobs(entry.lane), self.keys.group,
+                                      entry.entry_id)
                 log = logger.info if decision.reason == "already_final" else logger.warning
                 log("job=%s event=skip reason=%s entry=%s", job_id, decision.reason, entry.entry_id)
         elif verdict is Verdict.STARTED:

@@ -25,7 +25,8 @@ class Entry:
     entry_id: str
     fields: dict[bytes, bytes]
     num_deliveries: int = 1  # this entry's delivery count plus the `redeliveries` it carries
-    lane: str = DEFAULT_LANE  # the lane whose stream it was read from (Keys.lane_jobs)
+    lane: str = DEFAULT_LANE  # the lane whose stream it was read from (ShardKeys.lane_jobs)
+    shard: int = 0  # the shard whose stream it was read from (api_client/keys.py)
 
     @property
     def raw(self) -> bytes | None:
@@ -50,15 +51,16 @@ class Entry:
         return int(self.entry_id.split("-", 1)[0])
 
 
-def entries_from_reply(items: Any, delivery_count: int = 1, lane: str = DEFAULT_LANE) -> list[Entry]:
-    """[(id, {field: value}), ...] as redis-py returns stream entries (of `lane`'s stream); deleted
-    entries (None) skipped."""
+def entries_from_reply(items: Any, delivery_count: int = 1, shard: int = 0,
+                       lane: str = DEFAULT_LANE) -> list[Entry]:
+    """[(id, {field: value}), ...] as redis-py returns stream entries of one (shard, lane) job stream;
+    deleted entries (None) skipped."""
     out = []
     for entry_id, fields in items:
         if fields is None:
             continue
         eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        entry = Entry(eid, dict(fields), lane=lane)
+        entry = Entry(eid, dict(fields), lane=lane, shard=shard)
         entry.num_deliveries = delivery_count + entry.redeliveries
         out.append(entry)
     return out

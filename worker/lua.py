@@ -7,10 +7,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from api_client.keys import CODE_FIELD, EVENT_FIELD, JOB_FIELD, JOB_ID_FIELD, REASON_FIELD, Keys
+from api_client.connection import is_cluster_pipeline
+from api_client.keys import (
+    CODE_FIELD,
+    DEFAULT_LANE,
+    EVENT_FIELD,
+    JOB_FIELD,
+    JOB_ID_FIELD,
+    REASON_FIELD,
+    Keys,
+    ShardKeys,
+)
 from api_client.status import marker_ttl_s
 
 # Extra field of a {p}:jobs entry written by a hand-back: earlier deliveries that ended badly.
@@ -155,56 +164,69 @@ return lost
 
 class Scripts:
     """The scripts registered on one client. The *_args helpers return (keys, args) so that a call
-    can be queued on a pipeline: `await scripts.publish_final(keys=k, args=a, client=pipe)`.
-    `jobs_key` names the job's lane stream (the entry's, Keys.lane_jobs); unset: the default lane's."""
+    can be queued on a pipeline: `await scripts.publish_final(keys=k, args=a, client=pipe)`. Every
+    call's keys are those of one shard (`ShardKeys`): one hash tag, so one Redis Cluster slot; `lane`
+    picks that shard's lane stream (ShardKeys.lane_jobs), the same slot."""
 
-    def __init__(self, redis: Redis, jobs_key: str, dead_key: str, group: str, consumer: str, *,
-                 keys: Keys | None = None) -> None:
-        self.keys = keys  # with them, a hand-back moves the job's marker {p}:job:{id} to its new entry
-        self.jobs_key = jobs_key
-        self.dead_key = dead_key
-        self.group = group
+    def __init__(self, redis: Any, keys: Keys, consumer: str) -> None:
+        self.keys = keys
+        self.group = keys.group
         self.consumer = consumer
         self.publish_tokens_many: AsyncScript = redis.register_script(_PUBLISH_TOKENS_MANY)
         self.publish_final: AsyncScript = redis.register_script(_PUBLISH_FINAL)
         self.dead_letter: AsyncScript = redis.register_script(_DEAD_LETTER)
         self.hand_back: AsyncScript = redis.register_script(_HAND_BACK)
         self.renew: AsyncScript = redis.register_script(_RENEW)
+        self._all = (self.publish_tokens_many, self.publish_final, self.dead_letter, self.hand_back, self.renew)
 
-    def tokens_many_args(self, deltas: list[tuple[str, str, int, int, str, int]],
-                         jobs_key: str | None = None) -> tuple[list[str], list[Any]]:
-        """deltas: (result_key, entry_id, index, num_tokens, event_json, ttl_s) per job, all of one lane."""
-        keys: list[str] = [jobs_key or self.jobs_key]
+    async def load(self, redis: Any) -> None:
+        """SCRIPT LOAD every script (on every master of a cluster): a pipeline's EVALSHA answers NOSCRIPT
+        on a server that lost its script cache (a restart, a replica promoted by a failover)."""
+        for script in self._all:
+            script.sha = await redis.script_load(script.script)
+
+    async def queue(self, pipe: Any, script: AsyncScript, keys: list[str], args: list[Any]) -> None:
+        """Queue one script call on a pipeline. A cluster pipeline refuses its `evalsha` method (redis-py
+        cannot load scripts on its nodes), so the command goes in as it is: its keys name its slot, and
+        a node without the script answers NOSCRIPT (Publisher loads them and sends again)."""
+        if is_cluster_pipeline(pipe):
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        else:
+            await script(keys=keys, args=args, client=pipe)
+
+    def tokens_many_args(self, shard: ShardKeys, deltas: list[tuple[str, str, int, int, str, int]],
+                         lane: str = DEFAULT_LANE) -> tuple[list[str], list[Any]]:
+        """deltas: (job_id, entry_id, index, num_tokens, event_json, ttl_s) per job, all of `shard`'s
+        `lane` stream."""
+        keys: list[str] = [shard.lane_jobs(lane)]
         args: list[Any] = [self.group, self.consumer]
-        for result_key, entry_id, index, num_tokens, event_json, ttl_s in deltas:
-            keys.append(result_key)
+        for job_id, entry_id, index, num_tokens, event_json, ttl_s in deltas:
+            keys.append(shard.result(job_id))
             args.extend((entry_id, index, num_tokens, event_json, ttl_s))
         return keys, args
 
-    def final_args(self, result_key: str, entry_id: str, event_json: str, ttl_s: int, num_tokens: int = -1,
-                   dead: tuple[bytes, str, str, str] | None = None,
-                   jobs_key: str | None = None) -> tuple[list[str], list[Any]]:
+    def final_args(self, shard: ShardKeys, job_id: str, entry_id: str, event_json: str, ttl_s: int,
+                   num_tokens: int = -1, dead: tuple[bytes, str, str, str] | None = None,
+                   lane: str = DEFAULT_LANE) -> tuple[list[str], list[Any]]:
         args: list[Any] = [self.group, entry_id, self.consumer, event_json, ttl_s, num_tokens]
         if dead is not None:
             args.extend(dead)
-        return [result_key, jobs_key or self.jobs_key, self.dead_key], args
+        return [shard.result(job_id), shard.lane_jobs(lane), shard.dead], args
 
-    def dead_letter_args(self, entry_id: str, raw: bytes, job_id: str, code: str,
-                         reason: str, jobs_key: str | None = None) -> tuple[list[str], list[Any]]:
-        return ([jobs_key or self.jobs_key, self.dead_key],
+    def dead_letter_args(self, shard: ShardKeys, entry_id: str, raw: bytes, job_id: str, code: str,
+                         reason: str, lane: str = DEFAULT_LANE) -> tuple[list[str], list[Any]]:
+        return ([shard.lane_jobs(lane), shard.dead],
                 [self.group, entry_id, self.consumer, raw, job_id, code, reason])
 
-    def hand_back_args(self, entry_id: str, raw: bytes, job_id: str,
-                       redeliveries: int, jobs_key: str | None = None) -> tuple[list[str], list[Any]]:
-        """The job goes back to the tail of its own lane's stream."""
-        args: list[Any] = [self.group, entry_id, self.consumer, raw, job_id, redeliveries]
-        if self.keys is None:
-            return [jobs_key or self.jobs_key], args
-        return [jobs_key or self.jobs_key, self.keys.job(job_id)], [*args, marker_ttl_s(None)]
+    def hand_back_args(self, shard: ShardKeys, entry_id: str, raw: bytes, job_id: str,
+                       redeliveries: int, lane: str = DEFAULT_LANE) -> tuple[list[str], list[Any]]:
+        """Re-queue at the tail of the same shard's stream of its own lane, moving the job's marker."""
+        args: list[Any] = [self.group, entry_id, self.consumer, raw, job_id, redeliveries, marker_ttl_s(None)]
+        return [shard.lane_jobs(lane), shard.job(job_id)], args
 
-    async def renew_leases(self, entry_ids: list[str], jobs_key: str | None = None) -> list[str]:
-        """Renew this consumer's entries (of one lane stream); returns the ids it no longer owns."""
+    async def renew_leases(self, shard: ShardKeys, entry_ids: list[str], lane: str = DEFAULT_LANE) -> list[str]:
+        """Renew this consumer's entries of one (shard, lane) stream; returns the ids it no longer owns."""
         if not entry_ids:
             return []
-        lost = await self.renew(keys=[jobs_key or self.jobs_key], args=[self.group, self.consumer, *entry_ids])
+        lost = await self.renew(keys=[shard.lane_jobs(lane)], args=[self.group, self.consumer, *entry_ids])
         return [x.decode() if isinstance(x, bytes) else str(x) for x in lost]

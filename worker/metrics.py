@@ -30,14 +30,21 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queue_lag = Gauge("tokenrelay_queue_lag", "jobs in a lane's stream not yet delivered to any worker",
-                               ["lane"], registry=r)
-        self.queue_pending = Gauge("tokenrelay_queue_pending", "jobs of a lane delivered and not yet acknowledged",
-                                   ["lane"], registry=r)
+        # Per lane, summed over the shards (sum() over `lane` is the whole queue).
+        self.queue_lag = Gauge("tokenrelay_queue_lag", "jobs in a lane's streams not yet delivered to any worker "
+                               "(all shards)", ["lane"], registry=r)
+        self.queue_pending = Gauge("tokenrelay_queue_pending", "jobs of a lane delivered and not yet acknowledged "
+                                   "(all shards)", ["lane"], registry=r)
         self.queue_depth = Gauge("tokenrelay_queue_depth", "jobs of a lane not finished: lag + pending",
                                  ["lane"], registry=r)
         self.queue_oldest_age_s = Gauge("tokenrelay_queue_oldest_job_age_seconds",
                                         "age of a lane's oldest unacknowledged job (0: none)", ["lane"], registry=r)
+        # Per shard, summed over the lanes: what an autoscaler (KEDA's Redis Streams scaler, lagCount)
+        # reads per stream, and the view that shows one hot or stuck shard (docs/scaling.md).
+        self.shard_lag = Gauge("tokenrelay_queue_shard_lag", "jobs of one shard's streams not yet delivered",
+                               ["shard"], registry=r)
+        self.shard_pending = Gauge("tokenrelay_queue_shard_pending", "jobs of one shard delivered, not yet "
+                                   "acknowledged", ["shard"], registry=r)
         self.jobs_held = Gauge("tokenrelay_worker_jobs", "jobs this worker holds", registry=r)
         self.num_running = Gauge("tokenrelay_engine_running", "sequences running in the engine", registry=r)
         self.num_waiting = Gauge("tokenrelay_engine_waiting", "sequences waiting in the engine", registry=r)
@@ -71,15 +78,39 @@ class Metrics:
         self.preemptions.inc(stats.num_preemptions - (last.num_preemptions if last else 0))
         self._last = stats
 
-    def update_queue(self, lane: str, state: QueueState | None) -> None:
-        if state is None:
-            return
-        if state.lag is not None:  # Redis reports no lag when it cannot tell (entries deleted mid-stream)
-            self.queue_lag.labels(lane=lane).set(state.lag)
-            self.queue_depth.labels(lane=lane).set(state.lag + state.pending)
-        self.queue_pending.labels(lane=lane).set(state.pending)
-        age_s = 0.0 if state.oldest_ms is None else max(0.0, time.time() - state.oldest_ms / 1000)
-        self.queue_oldest_age_s.labels(lane=lane).set(age_s)
+    def update_queue(self, states: dict[tuple[str, int], QueueState | None]) -> None:
+        """The queue numbers of every (lane, shard) stream (None: no stream or group there yet)."""
+        lane_lag: dict[str, int | None] = {}
+        lane_pending: dict[str, int] = {}
+        lane_oldest: dict[str, int | None] = {}
+        shard_lag: dict[int, int | None] = {}
+        shard_pending: dict[int, int] = {}
+        for (lane, shard), state in states.items():
+            if state is None:
+                continue
+            _add_lag(lane_lag, lane, state.lag)
+            _add_lag(shard_lag, shard, state.lag)
+            lane_pending[lane] = lane_pending.get(lane, 0) + state.pending
+            shard_pending[shard] = shard_pending.get(shard, 0) + state.pending
+            if state.oldest_ms is not None:
+                old = lane_oldest.get(lane)
+                lane_oldest[lane] = state.oldest_ms if old is None else min(old, state.oldest_ms)
+            else:
+                lane_oldest.setdefault(lane, None)
+        for lane, pending in lane_pending.items():
+            lag = lane_lag.get(lane)
+            if lag is not None:  # Redis reports no lag when it cannot tell (entries deleted mid-stream)
+                self.queue_lag.labels(lane=lane).set(lag)
+                self.queue_depth.labels(lane=lane).set(lag + pending)
+            self.queue_pending.labels(lane=lane).set(pending)
+            oldest = lane_oldest.get(lane)
+            age_s = 0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)
+            self.queue_oldest_age_s.labels(lane=lane).set(age_s)
+        for shard, pending in shard_pending.items():
+            lag = shard_lag.get(shard)
+            if lag is not None:
+                self.shard_lag.labels(shard=str(shard)).set(lag)
+            self.shard_pending.labels(shard=str(shard)).set(pending)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port > 0:
@@ -105,6 +136,12 @@ class QueueState:
     lag: int | None  # entries not yet delivered (None: Redis cannot tell)
     pending: int  # delivered, not acknowledged
     oldest_ms: int | None  # enqueue time (entry id ms) of the oldest entry not acknowledged; None: none
+
+
+def _add_lag(lags: dict[Any, int | None], key: Any, lag: int | None) -> None:
+    """Sum lags; unknown (None) once any part is unknown."""
+    known = lags.get(key, 0)
+    lags[key] = None if known is None or lag is None else known + lag
 
 
 async def queue_state(redis: Redis, stream: str, group: str) -> QueueState | None:

@@ -12,10 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError
 
+from api_client.connection import RETRYABLE_ERRORS
 from api_client.keys import Keys
 from api_client.schema import DoneEvent, ErrorEvent, Job, TokenEvent, dump_event
 from engine.outputs import FinishReason, RequestOutput
@@ -31,7 +30,7 @@ logger = logging.getLogger("tokenrelay.worker")
 
 # A batch that Redis could not take is sent again for as long as the outage lasts (every script is
 # idempotent).
-_SEND_RETRY = retry_forever(0.05, (RedisConnectionError, RedisTimeoutError, OSError))
+_SEND_RETRY = retry_forever(0.05, (*RETRYABLE_ERRORS, OSError))
 # Token deltas per script call: a batch of 256 jobs is one or two calls; each call's run time on the
 # server (~20 us a job) stays well under a millisecond so other clients are not held up.
 TOKENS_PER_CALL = 128
@@ -55,7 +54,7 @@ class _Op:
 
 
 class Publisher:
-    def __init__(self, redis: Redis, keys: Keys, scripts: lua.Scripts, table: JobTable, engine: EngineFrontend,
+    def __init__(self, redis: Any, keys: Keys, scripts: lua.Scripts, table: JobTable, engine: EngineFrontend,
                  metrics: Metrics, default_ttl_s: int) -> None:
         self.redis = redis
         self.default_ttl_s = default_ttl_s
@@ -176,10 +175,25 @@ class Publisher:
             ops = retries
 
     async def _execute(self, ops: list[_Op]) -> tuple[list[list[_Op]], list[Any]]:
-        # `async with` resets the pipeline (returns its connection) even when execute raises.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            commands = await self._queue_ops(pipe, ops)
-            return commands, await pipe.execute(raise_on_error=False)
+        for attempt in range(2):
+            # `async with` resets the pipeline (returns its connection) even when execute raises.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                commands = await self._queue_ops(pipe, ops)
+                replies = await pipe.execute(raise_on_error=False)
+            # A cluster pipeline sends EVALSHA as is: a node without the script (restarted, or a replica
+            # just promoted by a failover) answers NOSCRIPT. Load them everywhere and send the batch again
+            # (every script is idempotent).
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                logger.warning("publisher: a Redis node lost the scripts; loading them again")
+                await self.scripts.load(self.redis)
+                continue
+            break
+        # A cluster pipeline answers per node: one node down (a failover under way) fails only its
+        # commands. Send the whole batch again later rather than fail those jobs.
+        lost = next((r for r in replies if isinstance(r, RETRYABLE_ERRORS)), None)
+        if lost is not None:
+            raise lost
+        return commands, replies
 
     @staticmethod
     async def _send_failed(num_ops: int, exc: Exception) -> None:
@@ -191,16 +205,16 @@ class Publisher:
         """Queue the batch: every token delta in a few script calls (TOKENS_PER_CALL jobs each),
         then the other ops one call each. Returns the ops each queued command answers for."""
         commands: list[list[_Op]] = []
-        by_lane: dict[str, list[_Op]] = {}  # a call checks ownership against one lane's stream
+        by_stream: dict[tuple[int, str], list[_Op]] = {}  # one call checks one (shard, lane) stream: one slot
         for op in ops:
             if op.kind == "tokens":
-                by_lane.setdefault(op.job.entry.lane, []).append(op)
-        for lane, token_ops in by_lane.items():
+                by_stream.setdefault((op.job.entry.shard, op.job.entry.lane), []).append(op)
+        for (shard, lane), token_ops in by_stream.items():
             for start in range(0, len(token_ops), TOKENS_PER_CALL):
                 chunk = token_ops[start:start + TOKENS_PER_CALL]
-                keys, args = self.scripts.tokens_many_args([self._delta_args(op) for op in chunk],
-                                                           self.keys.lane_jobs(lane))
-                await self.scripts.publish_tokens_many(keys=keys, args=args, client=pipe)
+                keys, args = self.scripts.tokens_many_args(self.keys.shards[shard],
+                                                           [self._delta_args(op) for op in chunk], lane)
+                await self.scripts.queue(pipe, self.scripts.publish_tokens_many, keys, args)
                 commands.append(chunk)
         for op in ops:
             if op.kind != "tokens":
@@ -212,30 +226,29 @@ class Publisher:
         job, delta = op.job, op.delta
         assert delta is not None
         event = TokenEvent(index=delta.index, token_ids=delta.token_ids, text=delta.text, logprobs=delta.logprobs)
-        return (self.keys.result(job.job_id), job.entry.entry_id, delta.index, len(delta.token_ids),
-                dump_event(event), job.ttl_s)
+        return (job.job_id, job.entry.entry_id, delta.index, len(delta.token_ids), dump_event(event), job.ttl_s)
 
     async def _queue_op(self, pipe: Any, op: _Op) -> None:
         job = op.job
-        jobs_key = self.keys.lane_jobs(job.entry.lane)
+        shard, lane = self.keys.shards[job.entry.shard], job.entry.lane
         if op.kind == "final":
             assert op.event is not None
             expect = len(job.token_ids) if isinstance(op.event, DoneEvent) else -1
             dead = None
             if op.dead and isinstance(op.event, ErrorEvent):
                 dead = (job.entry.raw or b"", job.job_id, op.event.code, op.event.message)
-            keys, args = self.scripts.final_args(self.keys.result(job.job_id), job.entry.entry_id,
-                                                 dump_event(op.event), job.ttl_s, expect, dead, jobs_key)
-            await self.scripts.publish_final(keys=keys, args=args, client=pipe)
+            keys, args = self.scripts.final_args(shard, job.job_id, job.entry.entry_id, dump_event(op.event),
+                                                 job.ttl_s, expect, dead, lane)
+            await self.scripts.queue(pipe, self.scripts.publish_final, keys, args)
         elif op.kind == "dead":
             assert isinstance(op.event, ErrorEvent)
-            keys, args = self.scripts.dead_letter_args(job.entry.entry_id, job.entry.raw or b"", "",
-                                                       op.event.code, op.event.message, jobs_key)
-            await self.scripts.dead_letter(keys=keys, args=args, client=pipe)
+            keys, args = self.scripts.dead_letter_args(shard, job.entry.entry_id, job.entry.raw or b"", "",
+                                                       op.event.code, op.event.message, lane)
+            await self.scripts.queue(pipe, self.scripts.dead_letter, keys, args)
         else:
-            keys, args = self.scripts.hand_back_args(job.entry.entry_id, job.entry.raw or b"", job.job_id,
-                                                     job.entry.num_deliveries - 1, jobs_key)
-            await self.scripts.hand_back(keys=keys, args=args, client=pipe)
+            keys, args = self.scripts.hand_back_args(shard, job.entry.entry_id, job.entry.raw or b"", job.job_id,
+                                                     job.entry.num_deliveries - 1, lane)
+            await self.scripts.queue(pipe, self.scripts.hand_back, keys, args)
 
     def _handle(self, op: _Op, reply: Any) -> _Op | None:
         """Act on one script reply; returns an op to send again, if any."""

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.asyncio import Redis
-
-from api_client.keys import EVENT_FIELD, Keys
+from api_client.connection import AsyncRedis
+from api_client.keys import EVENT_FIELD, LANES, Keys
 from api_client.schema import TokenEvent, parse_event
 from worker.jobs import AbortReason, Entry, JobTable, entries_from_reply
 
@@ -60,7 +59,7 @@ def progress_from_entries(items: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> 
     return progress
 
 
-async def load_progress(redis: Redis, keys: Keys, job_ids: Sequence[str]) -> dict[str, Progress]:
+async def load_progress(redis: AsyncRedis, keys: Keys, job_ids: Sequence[str]) -> dict[str, Progress]:
     """Published tokens, final-event presence and cancel flag of each job, in one round trip."""
     pipe = redis.pipeline(transaction=False)
     for job_id in job_ids:
@@ -76,80 +75,94 @@ async def load_progress(redis: Redis, keys: Keys, job_ids: Sequence[str]) -> dic
 
 
 class Recovery:
-    """Leases (XCLAIM JUSTID of our running entries) and takeovers (XAUTOCLAIM of idle ones), in every
-    lane's stream (the highest lane first)."""
+    """Leases (XCLAIM JUSTID of our running entries) and takeovers (XAUTOCLAIM of idle ones), on every
+    (lane, shard) job stream: the highest lane first, one command per stream (a shard's streams are one
+    cluster slot)."""
 
-    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, consumer: str, lease_ms: int) -> None:
+    def __init__(self, redis: AsyncRedis, keys: Keys, scripts: Scripts, consumer: str, lease_ms: int) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = scripts
         self.consumer = consumer
         self.lease_ms = lease_ms
-        self._cursors = dict.fromkeys(keys.lane_streams, "0-0")
+        self._cursors = {(lane, s): "0-0" for lane in LANES for s in range(keys.num_shards)}  # XAUTOCLAIM's
+        self._next_shard = 0  # the shard the next reclaim starts with in each lane (round robin)
 
     async def renew(self, table: JobTable) -> list[str]:
         """Renew the leases of the jobs we hold; returns the job ids whose entry we no longer own
         (another worker took it over while we stalled, or Redis lost it)."""
+        by_stream: dict[tuple[int, str], dict[str, str]] = {}
+        for job in table:
+            if job.abort_reason is not AbortReason.LOST and not job.is_finishing:
+                by_stream.setdefault((job.entry.shard, job.entry.lane), {})[job.entry.entry_id] = job.job_id
         lost: list[str] = []
-        for lane, stream in self.keys.lane_streams.items():
-            by_entry = {job.entry.entry_id: job.job_id for job in table if job.entry.lane == lane
-                        and job.abort_reason is not AbortReason.LOST and not job.is_finishing}
-            lost_entries = await self.scripts.renew_leases(list(by_entry), stream)
+        for (shard, lane), by_entry in by_stream.items():
+            lost_entries = await self.scripts.renew_leases(self.keys.shards[shard], list(by_entry), lane)
             lost.extend(by_entry[e] for e in lost_entries if e in by_entry)
         return lost
 
     async def claim_own_pending(self) -> list[Entry]:
         """Entries a previous life of this consumer left pending: claim them again (which bumps their
         delivery count, so a job that crashes the worker each time ends in {p}:dead)."""
-        entries: list[Entry] = []
-        for lane, stream in self.keys.lane_streams.items():
-            pending = await self.redis.xpending_range(stream, self.keys.group, "-", "+", MAX_CLAIM_OWN,
-                                                      consumername=self.consumer)
-            ids: list[Any] = [p["message_id"] for p in pending]
-            if not ids:
-                continue
-            claimed = await self.redis.xclaim(stream, self.keys.group, self.consumer, 0, ids)
-            entries.extend(await self._with_delivery_counts(cast("list[Any]", claimed), lane))
-        if entries:
-            logger.info("claimed %d pending entries of an earlier run of consumer %s", len(entries),
-                        self.consumer)
-        return entries
+        out: list[Entry] = []
+        for lane in LANES:
+            for shard in self.keys.shards:
+                stream = shard.lane_jobs(lane)
+                pending = await self.redis.xpending_range(stream, self.keys.group, "-", "+", MAX_CLAIM_OWN,
+                                                          consumername=self.consumer)
+                ids: list[Any] = [p["message_id"] for p in pending]
+                if not ids:
+                    continue
+                claimed = await self.redis.xclaim(stream, self.keys.group, self.consumer, 0, ids)
+                out.extend(await self._with_delivery_counts(cast("list[Any]", claimed), shard.index, lane))
+        if out:
+            logger.info("claimed %d pending entries of an earlier run of consumer %s", len(out), self.consumer)
+        return out
 
     async def reclaim(self, room: dict[str, int]) -> list[Entry]:
-        """Take over entries idle longer than the lease (their worker is gone): up to room[lane] from
-        each lane's stream."""
-        entries: list[Entry] = []
-        for lane, stream in self.keys.lane_streams.items():
-            count = room.get(lane, 0)
-            if count <= 0:
-                continue
-            reply = await self.redis.xautoclaim(stream, self.keys.group, self.consumer, self.lease_ms,
-                                                self._cursors[lane], count=count)
-            cursor, items = reply[0], reply[1]
-            self._cursors[lane] = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-            claimed = await self._with_delivery_counts(items, lane)
-            for entry in claimed:
-                logger.info("entry=%s event=reclaimed lane=%s deliveries=%d", entry.entry_id, lane,
-                            entry.num_deliveries)
-            entries.extend(claimed)
-        return entries
+        """Take over entries idle longer than the lease (their worker is gone): up to room[lane] of each
+        lane, highest first; within a lane shard after shard from a starting shard that moves on each
+        call, so no shard's dead entries wait on another's."""
+        out: list[Entry] = []
+        num_shards = self.keys.num_shards
+        start, self._next_shard = self._next_shard, (self._next_shard + 1) % num_shards
+        for lane in LANES:
+            count, got = room.get(lane, 0), 0
+            for k in range(num_shards):
+                if got >= count:
+                    break
+                shard = self.keys.shards[(start + k) % num_shards]
+                reply = await self.redis.xautoclaim(shard.lane_jobs(lane), self.keys.group, self.consumer,
+                                                    self.lease_ms, self._cursors[lane, shard.index],
+                                                    count=count - got)
+                cursor, items = reply[0], reply[1]
+                self._cursors[lane, shard.index] = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+                claimed = await self._with_delivery_counts(items, shard.index, lane)
+                got += len(claimed)
+                out.extend(claimed)
+        for entry in out:
+            logger.info("entry=%s event=reclaimed lane=%s shard=%d deliveries=%d", entry.entry_id, entry.lane,
+                        entry.shard, entry.num_deliveries)
+        return out
 
     async def has_pending(self) -> bool:
-        """Whether any entry of the group is unacknowledged (held by any consumer), in any lane."""
-        for stream in self.keys.lane_streams.values():
-            summary = await self.redis.xpending(stream, self.keys.group)
-            if summary and summary.get("pending"):
-                return True
+        """Whether any entry of the group is unacknowledged (held by any consumer), in any lane's stream
+        on any shard."""
+        for shard in self.keys.shards:
+            for stream in shard.lane_streams.values():
+                summary = await self.redis.xpending(stream, self.keys.group)
+                if summary and summary.get("pending"):
+                    return True
         return False
 
-    async def _with_delivery_counts(self, items: Sequence[Any], lane: str) -> list[Entry]:
-        entries = entries_from_reply(items, lane=lane)
+    async def _with_delivery_counts(self, items: Sequence[Any], shard: int, lane: str) -> list[Entry]:
+        entries = entries_from_reply(items, shard=shard, lane=lane)
         if not entries:
             return []
-        stream = self.keys.lane_jobs(lane)
+        jobs = self.keys.shards[shard].lane_jobs(lane)
         pipe = self.redis.pipeline(transaction=False)
         for entry in entries:
-            pipe.xpending_range(stream, self.keys.group, entry.entry_id, entry.entry_id, 1)
+            pipe.xpending_range(jobs, self.keys.group, entry.entry_id, entry.entry_id, 1)
         replies = await pipe.execute()
         for entry, reply in zip(entries, replies, strict=True):
             count = int(reply[0]["times_delivered"]) if reply else 1

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import Field, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from api_client.keys import DEFAULT_PREFIX, Keys
+from api_client.keys import DEFAULT_PREFIX, MAX_SHARDS, Keys
 from api_client.schema import DEFAULT_MAX_JOB_BYTES, MAX_RESULT_TTL_S
 from engine.config import EngineConfig
 from engine.model_files import EMBEDDED_MODEL
@@ -52,6 +52,11 @@ class WorkerSettings(_EngineKnobs):  # type: ignore[misc]
     redis_url: str = Field(default="redis://localhost:6379/0", description=(
         "Redis URL: redis:// or rediss:// (TLS), with user:password@ for ACL users; unset: the Redis "
         "on localhost:6379, or a local redis-server started for the worker"))
+    redis_cluster: bool = Field(default=False, description=(
+        "Redis Cluster: redis-py's cluster client from redis_url (any node), hash-tagged keys (docs/protocol.md)"))
+    queue_shards: int = Field(default=1, ge=1, le=MAX_SHARDS, description=(
+        "job streams the queue is spread over (each with its jobs' results, one hash tag each); "
+        "producers and gateways must use the same count"))
     prefix: str = Field(default=DEFAULT_PREFIX, description="key prefix {p} of every Redis key")
     consumer: str = Field(default_factory=_default_consumer, description=(
         "consumer name in the group; keep it stable across restarts (default: the host name)"))
@@ -103,7 +108,12 @@ class WorkerSettings(_EngineKnobs):  # type: ignore[misc]
 
     @model_validator(mode="after")
     def _check(self) -> WorkerSettings:
-        Keys(self.prefix)  # raises ValueError naming the bad prefix
+        self.keys  # raises ValueError naming the bad prefix  # noqa: B018
+        if self.redis_cluster and self.redis_url.startswith("unix://"):
+            raise ValueError("redis_cluster=true needs a redis:// or rediss:// URL of any cluster node, not unix://")
+        if self.redis_cluster and self.celery_queue and not self.celery_broker_url:
+            raise ValueError("Celery's Redis transport does not speak Redis Cluster: with redis_cluster=true set "
+                             "celery_broker_url to a plain Redis (or RabbitMQ) for the Celery door")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if not self.consumer or any(c.isspace() for c in self.consumer):
@@ -117,7 +127,7 @@ class WorkerSettings(_EngineKnobs):  # type: ignore[misc]
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.prefix)
+        return Keys(self.prefix, num_shards=self.queue_shards, cluster=self.redis_cluster)
 
     @property
     def num_jobs_held_max(self) -> int:

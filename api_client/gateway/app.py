@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api_client.connection import connect_async
 from api_client.gateway.batches import Batches, add_batch_routes
 from api_client.gateway.metrics import GatewayMetrics
 from api_client.gateway.relay import Event, Relay, ResultReader
@@ -71,8 +72,8 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, redis: Redis | None = None) -> None:
         self.settings = settings
         self._owns_redis = redis is None
-        self.redis = redis if redis is not None else Redis.from_url(
-            settings.redis_url, socket_timeout=settings.socket_timeout_s,
+        self.redis: Any = redis if redis is not None else connect_async(
+            settings.redis_url, cluster=settings.redis_cluster, socket_timeout=settings.socket_timeout_s,
             socket_connect_timeout=settings.socket_timeout_s, health_check_interval=30)
         self.relay = Relay(self.redis, settings.keys)
         self.metrics = GatewayMetrics()

@@ -18,7 +18,7 @@ from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_client.batches import BatchApiError, BatchConfig, BatchStore
+from api_client.batches import BatchApiError, BatchConfig, BatchStore, tagged_layout_refusal
 from api_client.gateway.settings import GatewaySettings
 
 logger = logging.getLogger("tokenrelay.gateway")
@@ -41,7 +41,7 @@ class Batches:
         self.settings = settings
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.socket_timeout_s,
                                           socket_connect_timeout=settings.socket_timeout_s)
-        self.store = BatchStore(self.redis, settings.keys, BatchConfig(
+        self.store: Any = _Refused() if settings.keys.is_tagged else BatchStore(self.redis, settings.keys, BatchConfig(
             max_file_bytes=settings.gateway_max_file_bytes, file_ttl_s=settings.gateway_file_ttl_s,
             lock_ttl_s=settings.gateway_batch_lock_ttl_s, default_max_tokens=settings.gateway_default_max_tokens))
         self.owner = f"gateway-{uuid.uuid4().hex}"  # this replica's name on the batches it collects
@@ -52,6 +52,8 @@ class Batches:
         return await asyncio.to_thread(fn, *args)
 
     def start(self) -> None:
+        if isinstance(self.store, _Refused):
+            return  # nothing to collect: every batch route answers 501
         self._task = asyncio.create_task(self._collect_forever(), name="batch-collector")
 
     async def close(self) -> None:
@@ -71,6 +73,15 @@ class Batches:
             except Exception:  # a bug in one round must not stop collection for good
                 logger.exception("batch collector failed")
             await asyncio.sleep(self.settings.gateway_batch_poll_s)
+
+
+class _Refused:
+    """The store in the tagged key layout: every operation answers the Batch API's 501 refusal."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def refuse(*_: Any) -> Any:
+            raise tagged_layout_refusal()
+        return refuse
 
 
 def add_batch_routes(app: FastAPI, batches: Batches, api_key: Any,

@@ -6,6 +6,7 @@ request and a gateway that dies loses nothing a client could not read again from
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from api_client.async_client import AsyncClient
 from api_client.client import CANCEL_TTL_S, as_str, event_from_fields
+from api_client.connection import AsyncRedis
 from api_client.keys import Keys
 from api_client.schema import DoneEvent, ErrorEvent, Job, TokenEvent
 
@@ -40,11 +41,11 @@ class LiveState:
 
 
 class Relay:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: AsyncRedis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
         self._state: LiveState | None = None
-        self._client = AsyncClient(redis=redis, prefix=keys.prefix)  # borrows the connection
+        self._client = AsyncClient(redis=redis, keys=keys)  # borrows the connection
 
     async def live_state(self, *, fresh: bool = False) -> LiveState:
         """The live workers and the queue depth, read at most every LIVE_STATE_TTL_S; `fresh` reads
@@ -80,13 +81,17 @@ class Relay:
         return LiveState(num_workers, frozenset(models), has_unnamed, await self._queue_depth())
 
     async def _queue_depth(self) -> int:
+        """Jobs not yet delivered, over every shard."""
+        return sum([await self._shard_depth(shard.jobs) for shard in self.keys.shards])
+
+    async def _shard_depth(self, jobs: str) -> int:
         try:
-            groups = await self.redis.xinfo_groups(self.keys.jobs)
+            groups = await self.redis.xinfo_groups(jobs)
         except ResponseError:  # no stream yet: nothing waits
             return 0
         group = next((g for g in groups if g.get("name") in (self.keys.group, self.keys.group.encode())), None)
         if group is None:  # no worker ever joined: every entry waits
-            return int(await self.redis.xlen(self.keys.jobs))
+            return int(await self.redis.xlen(jobs))
         lag = group.get("lag")
         # Redis reports no lag when it cannot tell (entries deleted mid-stream): count none waiting.
         return int(lag) if lag is not None else 0
@@ -112,12 +117,14 @@ Event = TokenEvent | DoneEvent | ErrorEvent
 
 
 class ResultReader:
-    """Reads the result streams of one request's jobs with one XREAD BLOCK, in order per job."""
+    """Reads the result streams of one request's jobs, in order per job: one XREAD BLOCK over the
+    streams of each shard (one XREAD cannot span Redis Cluster slots), the shards at once."""
 
-    def __init__(self, redis: Redis, keys: Keys, job_ids: Sequence[str]) -> None:
+    def __init__(self, redis: AsyncRedis, keys: Keys, job_ids: Sequence[str]) -> None:
         self.redis = redis
         self.job_ids = list(job_ids)
         self._index = {keys.result(job_id): i for i, job_id in enumerate(job_ids)}
+        self._shard = {keys.result(job_id): keys.shard_of(job_id) for job_id in job_ids}
         self._last = {key: "0-0" for key in self._index}  # streams not finished yet, and where we are
 
     @property
@@ -132,10 +139,38 @@ class ResultReader:
         """The events that arrived (waiting up to block_ms for one): (choice index, event)."""
         if not self._last:
             return []
-        streams: dict[Any, Any] = dict(self._last)
-        reply: Any = await self.redis.xread(streams, count=READ_COUNT, block=max(1, block_ms))
+        by_shard: dict[int, dict[Any, Any]] = {}
+        for key, last in self._last.items():
+            by_shard.setdefault(self._shard[key], {})[key] = last
+        block = max(1, block_ms)
+        if len(by_shard) == 1:
+            replies: list[Any] = [await self.redis.xread(next(iter(by_shard.values())), count=READ_COUNT, block=block)]
+        else:
+            replies = await self._read_shards(list(by_shard.values()), block)
         events: list[tuple[int, Event]] = []
-        for raw_key, entries in reply or []:
+        for reply in replies:
+            events.extend(self._take(reply))
+        return events
+
+    async def _read_shards(self, groups: list[dict[Any, Any]], block_ms: int) -> list[Any]:
+        """One blocking XREAD per shard at once; the first answer ends the wait and the others are
+        cancelled (a read changes nothing in Redis: what they would have read comes next time)."""
+        tasks = [asyncio.ensure_future(self.redis.xread(g, count=READ_COUNT, block=block_ms)) for g in groups]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [r for r in done if isinstance(r, Exception)]
+        replies = [r for r in done if not isinstance(r, BaseException)]
+        if errors and not any(replies):
+            raise errors[0]
+        return replies
+
+    def _take(self, reply: Any) -> list[tuple[int, Event]]:
+        events: list[tuple[int, Event]] = []
+        for raw_key, entries in (reply.items() if isinstance(reply, dict) else reply or []):
             key = as_str(raw_key)
             for entry_id, fields in entries:
                 if key not in self._last:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from api_client.keys import DEFAULT_PREFIX, Keys
+from api_client.keys import DEFAULT_PREFIX, MAX_SHARDS, Keys
 
 ENV_PREFIX = "TOKENRELAY_"
 
@@ -30,6 +30,9 @@ class GatewaySettings(BaseSettings):
     redis_url: str = Field(default="redis://localhost:6379/0", description=(
         "Redis URL of the workers' queue: redis://, rediss:// (TLS) or unix://"))
     prefix: str = Field(default=DEFAULT_PREFIX, description="key prefix {p}: the workers' prefix")
+    redis_cluster: bool = Field(default=False, description=(
+        "Redis Cluster (redis-py's cluster client from redis_url, any node): the workers' setting"))
+    queue_shards: int = Field(default=1, ge=1, le=MAX_SHARDS, description="the workers' queue_shards")
     socket_timeout_s: float = Field(default=10.0, gt=0, description="Redis socket timeout")
 
     # ---- HTTP --------------------------------------------------------------------------------
@@ -61,7 +64,7 @@ class GatewaySettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
-        Keys(self.prefix)  # raises ValueError naming the bad prefix
+        self.keys  # raises ValueError naming the bad prefix  # noqa: B018
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         self.api_keys()  # raises on a malformed entry
@@ -69,7 +72,7 @@ class GatewaySettings(BaseSettings):
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.prefix)
+        return Keys(self.prefix, num_shards=self.queue_shards, cluster=self.redis_cluster)
 
     def api_keys(self) -> tuple[ApiKey, ...]:
         """The configured keys. A bare key is named by a prefix of its hash."""

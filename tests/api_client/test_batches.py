@@ -102,3 +102,16 @@ def test_the_list_pages_newest_first(redis_server: RedisServer) -> None:
         store.list_batches(limit=0)
     with pytest.raises(BatchApiError, match="endpoint"):
         store.create_batch(file_id, "/v1/embeddings")
+
+
+def test_the_tagged_layout_refuses_batches_and_keeps_lanes(redis_server: RedisServer) -> None:
+    from api_client.client import Client
+
+    with pytest.raises(ValueError, match="Batch API is not available"):
+        BatchStore(redis_server.client(), Keys("bt2", num_shards=2))
+    client = Client(redis_server.url, prefix="bt2", num_shards=2)
+    with pytest.raises(ValueError, match="Batch API is not available"):
+        client.submit_batch([_line("a")])
+    job_id = client.submit(prompt="x", max_tokens=1, lane="batch")
+    r = redis_server.client()
+    assert r.xlen(Keys("bt2", num_shards=2).for_job(job_id).lane_jobs("batch")) == 1

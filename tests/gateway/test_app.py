@@ -89,3 +89,12 @@ def test_bad_settings_exit_2() -> None:
     proc = subprocess.run([sys.executable, "-m", "api_client.gateway"], capture_output=True, text=True, cwd=ROOT,
                           env={"PATH": "/usr/bin:/bin", "TOKENRELAY_GATEWAY_PORT": "70000"}, timeout=60)
     assert proc.returncode == 2 and "gateway_port" in proc.stderr
+
+
+def test_the_batch_api_is_refused_in_the_tagged_layout(redis_server: RedisServer) -> None:
+    with _client(redis_server, gateway_allow_unauthenticated=True, queue_shards=2) as client:
+        for response in (client.get("/v1/batches"),
+                         client.post("/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", b"{}\n")})):
+            error = response.json()["error"]
+            assert response.status_code == 501 and error["code"] == "unsupported_layout", error
+            assert "shard" in error["message"]

@@ -18,13 +18,13 @@ import pytest
 
 from api_client.keys import EVENT_FIELD, JOB_FIELD, Keys
 from api_client.schema import parse_event
+from tests.helpers.queue_target import PREFIX, QueueTarget, queue_target
 from tests.helpers.redis_server import RedisServer, redis_server
 from tests.helpers.tiny_models import make_tiny_model
 
-__all__ = ["redis_server"]
+__all__ = ["PREFIX", "QueueTarget", "queue_target", "redis_server"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PREFIX = "trtest"
 KEYS = Keys(PREFIX)
 
 
@@ -132,26 +132,33 @@ def start_worker() -> Iterator[Callable[..., InProcessWorker]]:
 
 
 # ---- reading what the worker wrote -------------------------------------------------------------
-def submit_raw(client: Any, payload: bytes | str) -> str:
-    return client.xadd(KEYS.jobs, {JOB_FIELD: payload}).decode()
+def submit_raw(client: Any, payload: bytes | str, keys: Keys = KEYS) -> str:
+    return client.xadd(keys.jobs, {JOB_FIELD: payload}).decode()
 
 
-def submit(client: Any, job_id: str, **job: Any) -> str:
-    return submit_raw(client, json.dumps({"id": job_id, **job}))
+def submit(client: Any, job_id: str, keys: Keys = KEYS, **job: Any) -> str:
+    """XADD a job by hand, on its id's shard (as Client.submit, without the marker)."""
+    return client.xadd(keys.for_job(job_id).jobs, {JOB_FIELD: json.dumps({"id": job_id, **job})}).decode()
 
 
-def events(client: Any, job_id: str) -> list[Any]:
-    return [parse_event(fields[EVENT_FIELD.encode()]) for _, fields in client.xrange(KEYS.result(job_id))]
+def events(client: Any, job_id: str, keys: Keys = KEYS) -> list[Any]:
+    return [parse_event(fields[EVENT_FIELD.encode()]) for _, fields in client.xrange(keys.result(job_id))]
 
 
-def wait_final(client: Any, job_id: str, timeout_s: float = 60.0) -> list[Any]:
+def num_pending(client: Any, keys: Keys = KEYS) -> int:
+    """Entries delivered and not acknowledged, over every shard's stream of every lane."""
+    return sum(int(client.xpending(stream, keys.group)["pending"]) for shard in keys.shards
+               for stream in shard.lane_streams.values() if client.exists(stream))
+
+
+def wait_final(client: Any, job_id: str, timeout_s: float = 60.0, keys: Keys = KEYS) -> list[Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        evs = events(client, job_id)
+        evs = events(client, job_id, keys)
         if evs and evs[-1].is_final:
             return evs
         time.sleep(0.02)
-    raise AssertionError(f"no final event for job {job_id} within {timeout_s}s: {events(client, job_id)}")
+    raise AssertionError(f"no final event for job {job_id} within {timeout_s}s: {events(client, job_id, keys)}")
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
@@ -174,8 +181,9 @@ def assert_contiguous(evs: list[Any]) -> list[int]:
     return token_ids
 
 
-def dead_entries(client: Any) -> list[dict[str, bytes]]:
-    return [{k.decode(): v for k, v in fields.items()} for _, fields in client.xrange(KEYS.dead)]
+def dead_entries(client: Any, keys: Keys = KEYS) -> list[dict[str, bytes]]:
+    return [{k.decode(): v for k, v in fields.items()} for shard in keys.shards
+            for _, fields in client.xrange(shard.dead)]
 
 
 def new_server(**kwargs: Any) -> RedisServer:

@@ -28,8 +28,8 @@ from api_client.celery import (
     send_generate,
 )
 from api_client.schema import JobError
-from tests.helpers.redis_server import RedisServer
-from tests.worker.conftest import KEYS, PREFIX, REPO_ROOT, InProcessWorker, settings_for, wait_until
+from tests.helpers.queue_target import TARGETS
+from tests.worker.conftest import PREFIX, REPO_ROOT, InProcessWorker, QueueTarget, settings_for, wait_until
 from worker.celery_door import CeleryDoor, marker_key, start_celery_door
 
 NUM_JOBS = 20
@@ -74,6 +74,13 @@ class DoorSettings:
     celery_queue: str | None = DEFAULT_QUEUE
     celery_broker_url: str | None = None
     celery_concurrency: int = NUM_JOBS
+    redis_cluster: bool = False
+    queue_shards: int = 1
+
+
+def door_settings(target: QueueTarget, **overrides: Any) -> DoorSettings:
+    """The door of `target`'s layout, with Celery's broker on a plain Redis (kombu has no cluster client)."""
+    return DoorSettings(target.url, celery_broker_url=target.broker_url, **target.settings, **overrides)
 
 
 @pytest.fixture
@@ -84,23 +91,24 @@ def doors() -> Iterator[list[CeleryDoor]]:
         door.stop()
 
 
+@pytest.mark.parametrize("queue_target", TARGETS, indirect=True)
 def test_celery_producer_without_torch_gets_the_stream_path_completions(
-        redis_server: RedisServer, model_dir: Path, start_worker: Callable[..., InProcessWorker],
+        queue_target: QueueTarget, model_dir: Path, start_worker: Callable[..., InProcessWorker],
         doors: list[CeleryDoor], tmp_path: Path) -> None:
-    start_worker(settings_for(redis_server.url, model_dir, max_num_seqs=NUM_JOBS))
-    door = start_celery_door(DoorSettings(redis_server.url))
+    start_worker(settings_for(queue_target.url, model_dir, max_num_seqs=NUM_JOBS, **queue_target.settings))
+    door = start_celery_door(door_settings(queue_target))
     assert door is not None
     doors.append(door)
     script = tmp_path / "producer.py"
     script.write_text(PRODUCER)
-    proc = subprocess.run([sys.executable, str(script), redis_server.url, str(NUM_JOBS)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(script), queue_target.broker_url, str(NUM_JOBS)], cwd=tmp_path,
                           env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["torch_imported"] is False
     assert len(out["jobs"]) == NUM_JOBS
-    with Client(redis_server.url, prefix=PREFIX) as client:
+    with Client(queue_target.url, **queue_target.client_kwargs) as client:
         for job in out["jobs"]:
             celery_done = completion_from_result(job["completion"])
             assert celery_done.usage.completion_tokens == len(celery_done.token_ids) > 0
@@ -118,27 +126,30 @@ def test_celery_producer_without_torch_gets_the_stream_path_completions(
         assert [e.type for e in client.stream(task_id, timeout=10)] == ["error"]
 
 
+@pytest.mark.parametrize("queue_target", TARGETS, indirect=True)
 def test_a_task_handed_back_by_a_stopping_door_is_not_enqueued_twice(
-        redis_server: RedisServer, model_dir: Path, start_worker: Callable[..., InProcessWorker],
+        queue_target: QueueTarget, model_dir: Path, start_worker: Callable[..., InProcessWorker],
         doors: list[CeleryDoor]) -> None:
-    r = redis_server.client()
-    producer = Celery("producer", config_source=celery_config(redis_server.url), set_as_current=False)
-    first = start_celery_door(DoorSettings(redis_server.url, celery_concurrency=2))
+    r = queue_target.client()
+    keys = queue_target.keys
+    jobs = keys.for_job("celery-job-1").jobs
+    producer = Celery("producer", config_source=celery_config(queue_target.broker_url), set_as_current=False)
+    first = start_celery_door(door_settings(queue_target, celery_concurrency=2))
     assert first is not None
     result = send_generate(producer, "hello there", job_id="celery-job-1", **PARAMS)
     # No GPU worker yet: the door has enqueued the job and waits for its final event.
-    wait_until(lambda: r.xlen(KEYS.jobs) == 1, timeout_s=30, what="the door's XADD")
-    assert r.exists(marker_key(KEYS, "celery-job-1")) == 1
+    wait_until(lambda: r.exists(jobs) and r.xlen(jobs) == 1, timeout_s=30, what="the door's XADD")
+    assert r.exists(marker_key(keys, "celery-job-1")) == 1
     first.stop()  # the waiting task goes back to the broker
-    second = start_celery_door(DoorSettings(redis_server.url, celery_concurrency=2))
+    second = start_celery_door(door_settings(queue_target, celery_concurrency=2))
     assert second is not None
     doors.append(second)
-    start_worker(settings_for(redis_server.url, model_dir))
+    start_worker(settings_for(queue_target.url, model_dir, **queue_target.settings))
     with allow_join_result():  # this test process also hosts the door's worker
         value = result.get(timeout=120)
-    with Client(redis_server.url, prefix=PREFIX) as client:
+    with Client(queue_target.url, **queue_target.client_kwargs) as client:
         assert completion_from_result(value) == client.result("celery-job-1", timeout=10)
-    entries: Any = r.xrange(KEYS.jobs)
+    entries: Any = r.xrange(jobs)
     assert len(entries) == 1, "the redelivered task must rejoin the job, not enqueue it again"
 
 

@@ -18,10 +18,11 @@ from tests.helpers.redis_server import RedisServer
 from tests.helpers.slow_proxy import SlowProxy
 from tests.worker.conftest import (
     KEYS,
-    PREFIX,
     InProcessWorker,
+    QueueTarget,
     assert_contiguous,
     events,
+    num_pending,
     settings_for,
     spawn_worker,
     submit,
@@ -32,15 +33,24 @@ from tests.worker.conftest import (
 NUM_JOBS = 200
 
 
-@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+# Today's layout in both engine modes; a Redis Cluster with 1 and 4 shards (hash-tagged keys) with the
+# production default, the engine in its own process.
+LAYOUTS = [("redis", False), ("redis", True),
+           pytest.param("cluster-1", True, marks=pytest.mark.reliability),
+           pytest.param("cluster-4", True, marks=pytest.mark.reliability)]
+
+
+@pytest.mark.parametrize(("queue_target", "engine_process"), LAYOUTS, indirect=["queue_target"])
 def test_200_jobs_each_get_exactly_one_done_equal_to_llm_engine(
-        redis_server: RedisServer, model_dir: Path, tmp_path: Path, engine_process: bool) -> None:
+        queue_target: QueueTarget, model_dir: Path, tmp_path: Path, engine_process: bool) -> None:
     prompts = [f"request {i}: " + "the quick brown fox "[: 3 + i % 17] for i in range(NUM_JOBS)]
     max_tokens = [4 + i % 9 for i in range(NUM_JOBS)]
     log_path = tmp_path / "worker.log"
-    worker = spawn_worker(redis_server.url, model_dir, log_path=log_path, engine_process=engine_process)
+    keys = queue_target.keys
+    worker = spawn_worker(queue_target.url, model_dir, log_path=log_path, engine_process=engine_process,
+                          **queue_target.settings)
     try:
-        client = Client(redis_server.url, prefix=PREFIX)
+        client = Client(queue_target.url, **queue_target.client_kwargs)
         job_ids = [client.submit(p, job_id=f"job-{i}", max_tokens=m, temperature=0)
                    for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
         engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=128, max_num_seqs=16,
@@ -48,7 +58,7 @@ def test_200_jobs_each_get_exactly_one_done_equal_to_llm_engine(
         expected = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens])
         raw = client.redis
         for job_id, want in zip(job_ids, expected, strict=True):
-            evs = wait_final(raw, job_id, timeout_s=120)
+            evs = wait_final(raw, job_id, timeout_s=120, keys=keys)
             tokens = assert_contiguous(evs)
             assert sum(e.type in ("done", "error") for e in evs) == 1
             done = evs[-1]
@@ -56,7 +66,9 @@ def test_200_jobs_each_get_exactly_one_done_equal_to_llm_engine(
             assert tokens == want.token_ids and done.token_ids == want.token_ids, job_id
             assert done.text == want.text and done.finish_reason == want.finish_reason, job_id
             assert "".join(e.text for e in evs[:-1]) == done.text
-        assert raw.xpending(KEYS.jobs, KEYS.group)["pending"] == 0
+        assert num_pending(raw, keys) == 0
+        if keys.num_shards > 1:  # the producer spread the jobs over every shard
+            assert all(raw.xinfo_groups(shard.jobs)[0]["entries-read"] > 0 for shard in keys.shards)
         client.close()
     finally:
         worker.send_signal(signal.SIGTERM)

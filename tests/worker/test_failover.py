@@ -8,12 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from api_client.keys import Keys
+from tests.helpers.queue_target import TARGETS
 from tests.helpers.redis_server import RedisServer
 from tests.worker.conftest import (
     KEYS,
     InProcessWorker,
+    QueueTarget,
     assert_contiguous,
     events,
+    num_pending,
     settings_for,
     spawn_worker,
     submit,
@@ -24,13 +30,14 @@ from tests.worker.conftest import (
 Reference = Callable[[str, dict[str, Any]], tuple[list[int], str]]
 
 
-def some_tokens_published(client: Any, job_ids: list[str]) -> bool:
-    return sum(len(events(client, j)) for j in job_ids) >= len(job_ids)
+def some_tokens_published(client: Any, job_ids: list[str], keys: Keys = KEYS) -> bool:
+    return sum(len(events(client, j, keys)) for j in job_ids) >= len(job_ids)
 
 
-def check_jobs(client: Any, prompts: dict[str, str], params: dict[str, Any], reference: Reference) -> None:
+def check_jobs(client: Any, prompts: dict[str, str], params: dict[str, Any], reference: Reference,
+               keys: Keys = KEYS) -> None:
     for job_id, prompt in prompts.items():
-        evs = wait_final(client, job_id, timeout_s=120)
+        evs = wait_final(client, job_id, timeout_s=120, keys=keys)
         tokens = assert_contiguous(evs)
         expected_ids, expected_text = reference(prompt, params)
         done = evs[-1]
@@ -39,34 +46,36 @@ def check_jobs(client: Any, prompts: dict[str, str], params: dict[str, Any], ref
         assert done.text == expected_text, job_id
 
 
+@pytest.mark.parametrize("queue_target", TARGETS, indirect=True)
 def test_sigkill_mid_generation_another_worker_finishes(
-        redis_server: RedisServer, model_dir: Path, reference: Reference, tmp_path: Path,
+        queue_target: QueueTarget, model_dir: Path, reference: Reference, tmp_path: Path,
         start_worker: Callable[..., InProcessWorker]) -> None:
-    client: Any = redis_server.client()
+    client: Any = queue_target.client()
+    keys = queue_target.keys
     params = {"max_tokens": 300, "temperature": 0, "ignore_eos": True}
     prompts = {f"k{i}": f"job number {i} says" for i in range(4)}
-    first = spawn_worker(redis_server.url, model_dir, log_path=tmp_path / "w1.log", consumer="w1",
-                         lease_s=1.0, max_model_len=512)
+    first = spawn_worker(queue_target.url, model_dir, log_path=tmp_path / "w1.log", consumer="w1",
+                         lease_s=1.0, max_model_len=512, **queue_target.settings)
     try:
         for job_id, prompt in prompts.items():
-            submit(client, job_id, prompt=prompt, params=params)
-        wait_until(lambda: some_tokens_published(client, list(prompts)), timeout_s=120, what="first tokens")
+            submit(client, job_id, keys, prompt=prompt, params=params)
+        wait_until(lambda: some_tokens_published(client, list(prompts), keys), timeout_s=120, what="first tokens")
         first.send_signal(signal.SIGKILL)
         first.wait(30)
     finally:
         if first.poll() is None:
             first.kill()
-    published = {j: len(events(client, j)) for j in prompts}
-    unfinished = [j for j in prompts if not (events(client, j) and events(client, j)[-1].is_final)]
+    published = {j: len(events(client, j, keys)) for j in prompts}
+    unfinished = [j for j in prompts if not (events(client, j, keys) and events(client, j, keys)[-1].is_final)]
     assert unfinished, "the first worker finished everything before the kill: the test proves nothing"
-    second = start_worker(settings_for(redis_server.url, model_dir, consumer="w2", lease_s=1.0,
-                                       max_model_len=512))
-    check_jobs(client, prompts, params, reference)
+    second = start_worker(settings_for(queue_target.url, model_dir, consumer="w2", lease_s=1.0,
+                                       max_model_len=512, **queue_target.settings))
+    check_jobs(client, prompts, params, reference, keys)
     # The second worker generated only what was missing (the rest was resumed from the streams).
     total = params["max_tokens"] * len(prompts)
     assert second.worker.engine.stats().num_generated_tokens < total
     assert sum(published.values()) > 0
-    wait_until(lambda: client.xpending(KEYS.jobs, KEYS.group)["pending"] == 0, what="all acked")
+    wait_until(lambda: num_pending(client, keys) == 0, what="all acked")
 
 
 def test_sigterm_hands_running_jobs_back_at_once(

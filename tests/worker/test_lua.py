@@ -27,6 +27,8 @@ def run(server: RedisServer, body: Callable[[Any], Awaitable[Any]]) -> Any:
 
     return asyncio.run(main())
 
+SHARD = KEYS.shards[0]
+
 
 async def deliver(client: Any, consumer: str, job: dict[str, Any]) -> str:
     """XADD a job and read it as `consumer`: it is then pending, owned by that consumer."""
@@ -36,19 +38,19 @@ async def deliver(client: Any, consumer: str, job: dict[str, Any]) -> str:
 
 
 def scripts(client: Any, consumer: str) -> Scripts:
-    return Scripts(client, KEYS.jobs, KEYS.dead, KEYS.group, consumer)
+    return Scripts(client, KEYS, consumer)
 
 
 async def tokens(s: Scripts, job_id: str, entry_id: str, index: int, token_ids: list[int]) -> tuple[int, int]:
     event = json.dumps({"type": "token", "index": index, "token_ids": token_ids, "text": "x" * len(token_ids)})
-    keys, args = s.tokens_many_args([(KEYS.result(job_id), entry_id, index, len(token_ids), event, 60)])
+    keys, args = s.tokens_many_args(SHARD, [(job_id, entry_id, index, len(token_ids), event, 60)])
     code, next_index = await s.publish_tokens_many(keys=keys, args=args)
     return int(code), int(next_index)
 
 
 async def final(s: Scripts, job_id: str, entry_id: str, event: dict[str, Any], num_tokens: int = -1,
                 dead: tuple[bytes, str, str, str] | None = None) -> int:
-    keys, args = s.final_args(KEYS.result(job_id), entry_id, json.dumps(event), 60, num_tokens, dead)
+    keys, args = s.final_args(SHARD, job_id, entry_id, json.dumps(event), 60, num_tokens, dead)
     return int(await s.publish_final(keys=keys, args=args))
 
 
@@ -77,7 +79,7 @@ def test_many_deltas_in_one_call_each_get_their_own_verdict(redis_server: RedisS
     corrupt (its last event is not JSON) fails alone, with the jobs after it still written."""
     def delta(job_id: str, entry: str, index: int, token_ids: list[int]) -> tuple[str, str, int, int, str, int]:
         event = json.dumps({"type": "token", "index": index, "token_ids": token_ids, "text": "x" * len(token_ids)})
-        return KEYS.result(job_id), entry, index, len(token_ids), event, 60
+        return job_id, entry, index, len(token_ids), event, 60
 
     async def body(client: Any) -> list[int]:
         s = scripts(client, "w1")
@@ -85,7 +87,7 @@ def test_many_deltas_in_one_call_each_get_their_own_verdict(redis_server: RedisS
         theirs = await deliver(client, "w2", {"id": "t", "prompt": "hi"})
         assert await tokens(s, "m1", mine[1], 0, [1]) == (lua.WRITTEN, 1)
         await client.xadd(KEYS.result("m2"), {"event": "not json"})
-        keys, args = s.tokens_many_args([delta("m0", mine[0], 0, [1, 2]), delta("t", theirs, 0, [9]),
+        keys, args = s.tokens_many_args(SHARD, [delta("m0", mine[0], 0, [1, 2]), delta("t", theirs, 0, [9]),
                                          delta("m2", mine[2], 0, [5]), delta("m1", mine[1], 1, [2]),
                                          delta("m1", mine[1], 3, [4])])
         return [int(x) for x in await s.publish_tokens_many(keys=keys, args=args)]
@@ -142,7 +144,7 @@ def test_a_zombie_cannot_write_after_a_takeover(redis_server: RedisServer) -> No
         assert await final(zombie, "j1", entry, DONE) == lua.NOT_OWNER
         assert await tokens(heir, "j1", entry, 1, [2]) == (lua.WRITTEN, 2)
         assert await final(heir, "j1", entry, {**DONE, "token_ids": [1, 2]}, num_tokens=2) == lua.WRITTEN
-        assert await zombie.renew_leases([entry]) == [entry]  # the zombie learns it lost the job
+        assert await zombie.renew_leases(SHARD, [entry]) == [entry]  # the zombie learns it lost the job
 
     run(redis_server, body)
     evs = events(redis_server.client(), "j1")
@@ -160,7 +162,7 @@ def test_error_with_dead_letter_and_dead_letter_without_id(redis_server: RedisSe
         await client.xadd(KEYS.jobs, {"job": b"\xff"})
         reply = await client.xreadgroup(KEYS.group, "w1", {KEYS.jobs: ">"}, count=1)
         entry2 = reply[0][1][0][0].decode()
-        keys, args = s.dead_letter_args(entry2, b"\xff", "", "invalid_request", "not UTF-8")
+        keys, args = s.dead_letter_args(SHARD, entry2, b"\xff", "", "invalid_request", "not UTF-8")
         assert int(await s.dead_letter(keys=keys, args=args)) == lua.WRITTEN
         assert (await client.xpending(KEYS.jobs, KEYS.group))["pending"] == 0
 
@@ -177,10 +179,10 @@ def test_renew_keeps_delivery_count_and_hand_back_requeues(redis_server: RedisSe
         s = scripts(client, "w1")
         entry = await deliver(client, "w1", {"prompt": "hi"})
         await asyncio.sleep(0.05)
-        assert await s.renew_leases([entry]) == []
+        assert await s.renew_leases(SHARD, [entry]) == []
         pending = await client.xpending_range(KEYS.jobs, KEYS.group, entry, entry, 1)
         assert pending[0]["times_delivered"] == 1 and pending[0]["time_since_delivered"] < 50
-        keys, args = s.hand_back_args(entry, b'{"prompt": "hi"}', entry, 2)
+        keys, args = s.hand_back_args(SHARD, entry, b'{"prompt": "hi"}', entry, 2)
         assert int(await s.hand_back(keys=keys, args=args)) == lua.WRITTEN
         assert int(await s.hand_back(keys=keys, args=args)) == lua.NOT_OWNER  # only once
         reply = await client.xreadgroup(KEYS.group, "w2", {KEYS.jobs: ">"}, count=5)
