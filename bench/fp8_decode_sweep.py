@@ -7,7 +7,6 @@ best one as the default (H200 sweep of 2026-12-01 in BENCHMARKS.md).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import sys
@@ -17,8 +16,9 @@ import torch
 
 from bench.kernels import DecodeCase, bench_decode, copy_bandwidth
 
-# `kernels` re-exports the decode_attention function under the module's name: take the module itself.
-decode_module = importlib.import_module("kernels.decode_attention")
+# `kernels` re-exports the decode_attention function under the module's name, and bench.kernels has imported
+# the module: take it from sys.modules.
+decode_module = sys.modules["kernels.decode_attention"]
 
 # (use_dot, block_n, num_warps, num_stages); None stages: the launcher's default.
 VARIANTS: list[tuple[bool, int, int, int | None]] = [
