@@ -206,10 +206,36 @@ def decode_cases(quick: bool) -> list[DecodeCase]:
     return cases
 
 
+PREFILL_SWEEP_TILES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 8, 2), (64, 32, 4, 3),
+                       (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (32, 64, 4, 2)]
+
+
+def prefill_sweep(device: torch.device) -> None:
+    rows = []
+    for num_seqs, prompt_len in ((4, 2048), (2, 4096)):
+        for tile in PREFILL_SWEEP_TILES:
+            for causal_split in (False, True) if tile == PREFILL_SWEEP_TILES[0] else (True,):
+                try:
+                    row = bench_prefill(device, num_seqs, prompt_len, PrefillConfig(*tile, causal_split=causal_split))
+                except triton.runtime.errors.OutOfResources:
+                    continue
+                rows.append(row)
+                print(f"prefill {num_seqs}x{prompt_len} tile(rows,n,w,s)={tile} causal_split={causal_split!s:<5}: "
+                      f"{row['time_us']:.0f} us, {row['tflop_s']:.0f} TFLOP/s", flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "prefill-sweep.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="copy bandwidth, key point and workload only")
+    parser.add_argument("--prefill-sweep", action="store_true",
+                        help="only the prefill kernel: a wider tile sweep at 4 x 2048 and 2 x 4096 (bf16 cache)")
     args = parser.parse_args()
+    if args.prefill_sweep:
+        prefill_sweep(torch.device("cuda"))
+        return
     device = torch.device("cuda")
     started = time.time()
     copy_bw = copy_bandwidth(device)

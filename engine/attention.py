@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 # "0": the default split (only when the batch alone cannot fill the GPU). Read once per process; the
 # A/B switch of scripts/gpu_h200.sh.
 DECODE_PARTITION_TOKENS_ENV = "TOKENRELAY_DECODE_MAX_PARTITION_TOKENS"
-# "1": the prefill kernel runs its fully visible K/V tiles unmasked and each sequence's heaviest query
-# tiles first (kernels/prefill_attention.py PrefillConfig.causal_split). Read once per process.
+# The prefill kernel runs its fully visible K/V tiles unmasked and each sequence's heaviest query tiles
+# first (kernels/prefill_attention.py PrefillConfig.causal_split, the default since it measured 237 ->
+# 288 TFLOP/s on an H200); "0" turns that off. Read once per process.
 PREFILL_CAUSAL_SPLIT_ENV = "TOKENRELAY_PREFILL_CAUSAL_SPLIT"
 
 
@@ -37,6 +38,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_num_blocks] int32: block ids of each sequence
     max_query_len: int
     max_seq_len: int
+    # Mixed batches: the leading sequences that compute one token each (decodes), which the GPU path
+    # hands to the decode kernel, and a host bound of their lengths. 0: no such split.
+    num_decodes: int = 0
+    max_decode_seq_len: int = 0
 
 
 WriteKV = Callable[..., None]  # (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
@@ -47,8 +52,10 @@ def _paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                          block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                          scale: float, max_query_len: int, max_seq_len: int,
                          out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    # The reference takes no max lengths / out buffer; adapt it to the Triton launcher's signature.
+                         v_scale: torch.Tensor | None = None, num_decodes: int = 0,
+                         max_decode_seq_len: int | None = None) -> torch.Tensor:
+    # The reference takes no max lengths / out buffer / decode split (it treats every sequence alike);
+    # adapt it to the Triton launcher's signature.
     result = paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                  k_scale, v_scale)
     if out is not None:
@@ -70,8 +77,8 @@ def get_attention_ops(device_type: str) -> tuple[WriteKV, PagedAttn]:
             logger.warning("triton attention kernels unavailable (%s); using the torch reference", exc)
         else:
             max_partition_tokens = int(os.environ.get(DECODE_PARTITION_TOKENS_ENV) or 0)
-            causal_split = os.environ.get(PREFILL_CAUSAL_SPLIT_ENV, "0") == "1"
-            if max_partition_tokens <= 0 and not causal_split:
+            causal_split = os.environ.get(PREFILL_CAUSAL_SPLIT_ENV, "1") != "0"
+            if max_partition_tokens <= 0 and causal_split:
                 return write_kv_cache, paged_attention
             logger.info("attention kernels: decode partitions <= %s tokens, prefill causal split %s",
                         max_partition_tokens or "default", causal_split)
@@ -106,7 +113,8 @@ class Attention(nn.Module):
         out = paged_attention(q, self.k_cache, self.v_cache, attn_metadata.block_tables,
                               attn_metadata.seq_lens, attn_metadata.query_start_loc, self.scale,
                               attn_metadata.max_query_len, attn_metadata.max_seq_len,
-                              k_scale=self.k_scale, v_scale=self.v_scale)
+                              k_scale=self.k_scale, v_scale=self.v_scale, num_decodes=attn_metadata.num_decodes,
+                              max_decode_seq_len=attn_metadata.max_decode_seq_len or None)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
 

@@ -276,10 +276,10 @@ class ModelRunner:
             sampled_rows = graphs.table_rows(len(states))
         else:
             step = self._prepare_inputs(states, num_scheduled, num_computed)
-            hidden = self.model(*step.to_device(self.device, self.token_buffer))  # [T, hidden]
-            sampled, logits_indices = step.sampled, step.logits_indices.to(self.device)
-            sampled_rows = torch.tensor([s.table_row for s in sampled], dtype=torch.int64).to(
-                self.device, non_blocking=True)
+            input_ids, positions, attn_metadata, logits_indices, sampled_rows = step.to_device(
+                self.device, self.token_buffer)
+            hidden = self.model(input_ids, positions, attn_metadata)  # [T, hidden]
+            sampled = step.sampled
         if not sampled:
             return StepHandle()
         rows = hidden if logits_indices is None else hidden[logits_indices]
@@ -388,13 +388,17 @@ class ModelRunner:
         token_rows = None
         if any(s.num_pending for s in states):
             token_rows = torch.tensor([s.table_row for s in states], dtype=torch.int64)[req_indices]
+        # The scheduler puts decodes first: the leading one-token rows go to the decode kernel.
+        num_decodes = next((i for i, n in enumerate(num_scheduled) if n != 1), len(num_scheduled))
+        sampled = [s for s, keep in zip(states, is_sampled, strict=True) if keep]
         return StepInputs(
             input_ids=input_ids, token_rows=token_rows, positions=positions, slot_mapping=slot_mapping,
             query_start_loc=query_start_loc.to(torch.int32), seq_lens=seq_lens.to(torch.int32),
             block_tables=block_tables, max_query_len=max(num_scheduled),
             max_seq_len=max(c + n for c, n in zip(num_computed, num_scheduled, strict=True)),
-            logits_indices=logits_indices,
-            sampled=[s for s, keep in zip(states, is_sampled, strict=True) if keep])
+            logits_indices=logits_indices, sampled=sampled,
+            sampled_rows=torch.tensor([s.table_row for s in sampled], dtype=torch.int64),
+            num_decodes=num_decodes, max_decode_seq_len=max(num_computed[:num_decodes], default=-1) + 1)
 
     def _prepare_decode(self, states: list[CachedRequestState], num_computed: list[int]) -> StepInputs:
         """One token per request (the common step): no repeat_interleave, no per-token Python."""
@@ -413,13 +417,14 @@ class ModelRunner:
         # A decode row samples unless the request still has known tokens after this one (a resumed
         # request's last prompt token is computed by a prefill chunk, never here).
         is_sampled = [c + 1 == s.num_tokens for s, c in zip(states, num_computed, strict=True)]
+        sampled = [s for s, keep in zip(states, is_sampled, strict=True) if keep]
         return StepInputs(
             input_ids=input_ids, token_rows=token_rows, positions=positions, slot_mapping=slot_mapping,
             query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
             seq_lens=(positions + 1).to(torch.int32), block_tables=block_tables, max_query_len=1,
             max_seq_len=max(num_computed) + 1,
-            logits_indices=rows[torch.tensor(is_sampled, dtype=torch.bool)],
-            sampled=[s for s, keep in zip(states, is_sampled, strict=True) if keep])
+            logits_indices=rows[torch.tensor(is_sampled, dtype=torch.bool)], sampled=sampled,
+            sampled_rows=torch.tensor([s.table_row for s in sampled], dtype=torch.int64))
 
 
 @dataclass
@@ -447,17 +452,38 @@ class StepInputs:
     max_seq_len: int
     logits_indices: torch.Tensor  # [N] rows of the hidden states to sample from
     sampled: list[CachedRequestState]  # the N requests that produce a token this step
+    sampled_rows: torch.Tensor  # [N] int64: their token_buffer rows
+    num_decodes: int = 0  # leading one-token rows (AttentionMetadata.num_decodes)
+    max_decode_seq_len: int = 0
 
     def to_device(self, device: torch.device, token_buffer: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        input_ids = self.input_ids.to(device)
+                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, torch.Tensor]:
+        """(input_ids, positions, attention metadata, logits_indices, sampled_rows) on the device.
+
+        On CUDA every array travels in one pinned, non-blocking copy: a copy from pageable memory
+        synchronises the host with the stream, so the step launched ahead (async scheduling) would
+        wait for the step before it, and a mixed step would leave the GPU idle while it is prepared."""
+        parts = [self.input_ids, self.positions, self.slot_mapping, self.query_start_loc, self.seq_lens,
+                 self.block_tables.reshape(-1), self.logits_indices, self.sampled_rows]
         if self.token_rows is not None:
-            input_ids = fill_pending_tokens(input_ids, token_buffer, self.token_rows.to(device))
+            parts.append(self.token_rows)
+        if device.type == "cuda":
+            packed = torch.empty(sum(p.numel() for p in parts), dtype=torch.int64, pin_memory=True)
+            torch.cat([p.to(torch.int64) for p in parts], out=packed)
+            on_device = packed.to(device, non_blocking=True).split([p.numel() for p in parts])
+        else:
+            on_device = tuple(p.to(device) for p in parts)
+        input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, logits_indices, sampled_rows = \
+            on_device[:8]
+        if self.token_rows is not None:
+            input_ids = fill_pending_tokens(input_ids, token_buffer, on_device[8])
         attn_metadata = AttentionMetadata(
-            slot_mapping=self.slot_mapping.to(device), query_start_loc=self.query_start_loc.to(device),
-            seq_lens=self.seq_lens.to(device), block_tables=self.block_tables.to(device),
-            max_query_len=self.max_query_len, max_seq_len=self.max_seq_len)
-        return input_ids, self.positions.to(device), attn_metadata
+            slot_mapping=slot_mapping, query_start_loc=query_start_loc.to(torch.int32),
+            seq_lens=seq_lens.to(torch.int32),
+            block_tables=block_tables.to(torch.int32).view(self.block_tables.shape),
+            max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, num_decodes=self.num_decodes,
+            max_decode_seq_len=self.max_decode_seq_len)
+        return input_ids, positions, attn_metadata, logits_indices, sampled_rows
 
 
 def _logprobs_to_dicts(states: list[CachedRequestState], token_ids: list[int], logprobs: SampleLogprobs

@@ -116,7 +116,8 @@ def reference(batch: Batch) -> torch.Tensor:
     )
 
 
-def run_kernel(batch: Batch, prefill_config: PrefillConfig | None = None, **decode_kwargs: object) -> torch.Tensor:
+def run_kernel(batch: Batch, prefill_config: PrefillConfig | None = None, num_decodes: int = 0,
+               **decode_kwargs: object) -> torch.Tensor:
     # NaN-poisoned output: a row the kernel forgets to write fails the comparison.
     out = torch.full(batch.query.shape, float("nan"), dtype=batch.query.dtype, device=batch.query.device)
     if decode_kwargs:
@@ -148,6 +149,9 @@ def run_kernel(batch: Batch, prefill_config: PrefillConfig | None = None, **deco
         k_scale=batch.k_scale,
         v_scale=batch.v_scale,
         prefill_config=prefill_config,
+        num_decodes=num_decodes,
+        # Decode rows of a mixed batch: partitions of 16 tokens, so the split-K reduction runs too.
+        decode_config=DecodeConfig(block_n=16, min_partition_tokens=16) if num_decodes else None,
     )
 
 
@@ -193,6 +197,23 @@ def test_prefill_mixed_batch_matches_reference(device: torch.device, block_size:
 
 
 @pytest.mark.parametrize("kv_dtype", [None, FP8_DTYPE])
+def test_mixed_batch_split_between_decode_and_prefill_kernels(device: torch.device, kv_dtype: torch.dtype | None
+                                                              ) -> None:
+    # Decodes first (as the scheduler orders a mixed batch), then an extend chunk, a fresh prompt and an
+    # idle row: the first three rows go to the decode kernel (split into partitions of 16 tokens), the
+    # rest to the prefill kernel, both writing into one output.
+    seq_lens, query_lens = [150, 1, 40, 45, 21, 12], [1, 1, 1, 19, 21, 0]
+    batch = make_batch(device, seq_lens, query_lens, 2, 2, 32, 8, torch.float32, seed=21, kv_dtype=kv_dtype)
+    ref = reference(batch)
+    whole = run_kernel(batch)
+    for num_decodes in (1, 3):
+        split = run_kernel(batch, num_decodes=num_decodes)
+        assert_close(split, ref, torch.float32)
+        # The same numbers as one prefill launch, up to the kernels' summation order.
+        assert torch.allclose(split.float().cpu(), whole.float().cpu(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, FP8_DTYPE])
 def test_prefill_causal_split_matches_reference(device: torch.device, kv_dtype: torch.dtype | None) -> None:
     # Small tiles so the prompts span many query and key tiles: unmasked tiles before the diagonal,
     # masked ones across it, a context before the new tokens (extend), the heaviest tile launched first.
@@ -201,7 +222,8 @@ def test_prefill_causal_split_matches_reference(device: torch.device, kv_dtype: 
     config = PrefillConfig(rows_per_tile=16, block_n=16, causal_split=True)
     ref = reference(batch)
     assert_close(run_kernel(batch, prefill_config=config), ref, torch.float32)
-    assert_close(run_kernel(batch, prefill_config=PrefillConfig(rows_per_tile=16, block_n=16)), ref, torch.float32)
+    plain = PrefillConfig(rows_per_tile=16, block_n=16, causal_split=False)  # every tile masked
+    assert_close(run_kernel(batch, prefill_config=plain), ref, torch.float32)
 
 
 def test_prefill_bf16_head_dim_64(device: torch.device) -> None:
