@@ -1,6 +1,7 @@
 """Where a decode step's time goes: the engine on the benchmark workload, all 256 requests decoding.
 
     python -m bench.step_profile        # GPU; prints ms/step, a cProfile of 30 steps, and a breakdown
+    python -m bench.step_profile --at-batch 48   # also the kernels of a step once the batch is down to 48
 
 The breakdown synchronises CUDA at each piece's boundaries, so pieces add up to more than an
 unsynchronised step (and async scheduling overlaps nothing there); it attributes GPU time to the piece
@@ -8,6 +9,7 @@ that launched it."""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import cProfile
 import io
@@ -27,6 +29,10 @@ from engine.llm_engine import LLMEngine
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--at-batch", type=int, default=None,
+                        help="after the batch-256 breakdown, decode until this many requests run and profile again")
+    args = parser.parse_args()
     tmp = tempfile.mkdtemp()
     model_dir = make_checkpoint("qwen3-0.6b", Path(tmp) / "model", device="cuda")
     workload = make_workload()
@@ -91,6 +97,12 @@ def main() -> None:
     print(f"synchronised: {elapsed / 50 * 1e3:.2f} ms/step at batch {scheduler.num_running}")
     for name, total in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"{name:<20}{total / 50 * 1e3:8.3f} ms/step")
+    if args.at_batch is not None:
+        while scheduler.num_running > args.at_batch:
+            engine.step()
+        lens = [r.num_tokens for r in scheduler.running]
+        print(f"\nat batch {len(lens)}: mean context {sum(lens) / max(len(lens), 1):.0f} tokens")
+        kernel_profile(engine, steps=10)
 
 
 def kernel_profile(engine: LLMEngine, steps: int) -> None:
