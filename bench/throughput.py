@@ -205,8 +205,9 @@ def run_ours(model_dir: Path, workload: Workload, args: argparse.Namespace, conf
     for i in _constrained_rows(len(params), args.constrained_fraction):
         params[i] = SamplingParams(max_tokens=params[i].max_tokens, temperature=args.temperature,
                                    structured_output=_array_schema(params[i].max_tokens))
-    # Warm-up: a few requests through every path (prefill, decode, CUDA graph capture).
-    engine.generate(workload.prompts[:4], [SamplingParams(max_tokens=16, ignore_eos=True)] * 4)
+    # Warm-up: a few requests through every path (prefill, decode, CUDA graph capture, a mixed step).
+    from bench.timeline import warm_up
+    warm_up(engine, workload.prompts[:4])
     walls: list[float] = []
     for _ in range(args.repeats):
         engine.scheduler.reset_prefix_cache()  # a timed run must not hit earlier runs' prompts
