@@ -80,7 +80,8 @@ CONFIGS = [(bm, bn, bk, w, st) for bm, bn, bk, st in itertools.product((32, 64, 
            for w in (4, 8) if (w == 4) == (bm * bn <= 4096) or bm * bn == 8192]
 
 
-def bench_shape(m: int, n: int, k: int, bandwidth: float, matmul: float, rep: int) -> dict[str, Any]:
+def bench_shape(m: int, n: int, k: int, bandwidth: float, matmul: float, rep: int, tile_sweep: bool = True
+                ) -> dict[str, Any]:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
@@ -88,7 +89,7 @@ def bench_shape(m: int, n: int, k: int, bandwidth: float, matmul: float, rep: in
     ref = F.linear(x, w)
     cublas = triton.testing.do_bench_cudagraph(lambda: torch.mm(x, w.t(), out=out), rep=rep)
     best: tuple[float, tuple[int, ...]] = (float("inf"), ())
-    for config in CONFIGS:
+    for config in CONFIGS if tile_sweep else []:
         if config[0] > max(32, triton.next_power_of_2(m)):
             continue  # a tile taller than the batch computes padding
         try:
@@ -131,13 +132,14 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-0.6b", choices=sorted(MODEL_SHAPES))
     parser.add_argument("--m", default="32,128,256")
     parser.add_argument("--rep", type=int, default=25, help="ms of replays per timing")
+    parser.add_argument("--no-tile-sweep", action="store_true", help="skip the plain Triton GEMM's tile sweep")
     args = parser.parse_args()
     device = "cuda"
     bandwidth, matmul = copy_bandwidth(device), matmul_rate(device)
     rows = []
     for m in (int(v) for v in args.m.split(",")):
         for name, n, k in layer_shapes(args.model):
-            row = bench_shape(m, n, k, bandwidth, matmul, args.rep)
+            row = bench_shape(m, n, k, bandwidth, matmul, args.rep, not args.no_tile_sweep)
             rows.append(dict(name=name, **row))
             print(f"m={m:<4}{name:<8} floor {row['floor_us']:7.1f} us  cublas {row['cublas_us']:7.1f}  "
                   f"triton {row['triton_us']:7.1f} {row['triton_config']}  splitk {row['splitk_us']:7.1f} "
