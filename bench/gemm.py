@@ -1,6 +1,5 @@
 """The decode step's GEMMs at small M: cuBLAS (torch's F.linear) against a plain Triton GEMM over a
-sweep of tiles and against kernels/gemm.py's split-K GEMM (its default plan, then S = 2, 4, 8 on the
-plan's tiles), each set beside its floor (weight bytes at the copy bandwidth, FLOPs at the measured
+sweep of tiles, each set beside its floor (weight bytes at the copy bandwidth, FLOPs at the measured
 matmul rate, whichever is larger).
 
     python -m bench.gemm [--model qwen3-0.6b] [--m 32,128,256]      # GPU; table last, JSON in $OUT
@@ -11,7 +10,6 @@ twice: inside the engine's decode graph a GEMM pays only its GPU time."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -26,10 +24,6 @@ import triton.testing
 
 from bench.throughput import copy_bandwidth, matmul_rate
 from bench.workload import MODEL_SHAPES
-from kernels.gemm import linear_split_k, split_k_plan
-
-SPLITS = (2, 4, 8)  # forced S beside the default plan's
-MAX_WORKSPACE_BYTES = 256 << 20  # lm_head split 8 ways would take GBs of fp32 partials: skip those
 
 
 @triton.jit
@@ -100,31 +94,8 @@ def bench_shape(m: int, n: int, k: int, bandwidth: float, matmul: float, rep: in
         except triton.runtime.errors.OutOfResources:
             continue
         best = min(best, (ms, config))
-    plan = split_k_plan(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
-    split_k = {f"splitk_s{s}_us": time_split_k(x, w, out, ref, dataclasses.replace(plan, split_k=s), rep)
-               for s in SPLITS}
-    default = time_split_k(x, w, out, ref, plan, rep)
-    assert default is not None  # the plan's own S always fits: lm_head's plan is S = 1, no workspace
     return dict(m=m, n=n, k=k, floor_us=floor * 1e6, cublas_us=cublas * 1e3, triton_us=best[0] * 1e3,
-                triton_config=best[1], splitk_us=default, splitk_plan=dataclasses.astuple(plan),
-                splitk_best_us=min([default, *(t for t in split_k.values() if t is not None)]), **split_k)
-
-
-def time_split_k(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ref: torch.Tensor, config: Any,
-                 rep: int) -> float | None:
-    """us per linear_split_k replay with `config`; None where its workspace would be too large."""
-    num_tiles = triton.cdiv(x.shape[0], config.block_m) * triton.cdiv(w.shape[0], config.block_n)
-    if config.split_k > 1 and num_tiles * config.split_k * config.block_m * config.block_n * 4 > MAX_WORKSPACE_BYTES:
-        return None
-    # The eager call also allocates the workspace, so the graph capture below finds it cached.
-    linear_split_k(x, w, None, out, config)
-    if not torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2):
-        raise RuntimeError(f"linear_split_k: wrong result for {config}")
-    return triton.testing.do_bench_cudagraph(lambda: linear_split_k(x, w, None, out, config), rep=rep) * 1e3
-
-
-def _us(value: float | None, width: int) -> str:
-    return f"{value:>{width}.1f}" if value is not None else f"{'-':>{width}}"
+                triton_config=best[1])
 
 
 def main() -> None:
@@ -142,27 +113,22 @@ def main() -> None:
             row = bench_shape(m, n, k, bandwidth, matmul, args.rep, not args.no_tile_sweep)
             rows.append(dict(name=name, **row))
             print(f"m={m:<4}{name:<8} floor {row['floor_us']:7.1f} us  cublas {row['cublas_us']:7.1f}  "
-                  f"triton {row['triton_us']:7.1f} {row['triton_config']}  splitk {row['splitk_us']:7.1f} "
-                  f"{row['splitk_plan']}  " + " ".join(f"S={s} {_us(row[f'splitk_s{s}_us'], 7)}" for s in SPLITS),
-                  flush=True)
+                  f"triton {row['triton_us']:7.1f} {row['triton_config']}", flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"gemm-{args.model}.json").write_text(json.dumps(
             dict(device=torch.cuda.get_device_name(), bandwidth_tb_s=bandwidth / 1e12,
                  matmul_tflop_s=matmul / 1e12, rows=rows), indent=1))
-    print(f"{'m':>4} {'gemm':<8}{'floor us':>9}{'cublas':>8}{'of floor':>9}{'triton':>8}{'of floor':>9}"
-          f"{'splitk':>8}{'of floor':>9}" + "".join(f"{f'S={s}':>8}" for s in SPLITS) + "  best tile  split-K plan")
+    print(f"{'m':>4} {'gemm':<8}{'floor us':>9}{'cublas':>8}{'of floor':>9}{'triton':>8}{'of floor':>9}  best tile")
     for m in sorted({r["m"] for r in rows}):
         mrows = [r for r in rows if r["m"] == m]
         for r in mrows:
             print(f"{r['m']:>4} {r['name']:<8}{r['floor_us']:>9.1f}{r['cublas_us']:>8.1f}"
                   f"{r['floor_us'] / r['cublas_us']:>9.2f}{r['triton_us']:>8.1f}"
-                  f"{r['floor_us'] / r['triton_us']:>9.2f}{r['splitk_us']:>8.1f}{r['floor_us'] / r['splitk_us']:>9.2f}"
-                  + "".join(_us(r[f"splitk_s{s}_us"], 8) for s in SPLITS)
-                  + f"  {r['triton_config']}  {r['splitk_plan']}")
+                  f"{r['floor_us'] / r['triton_us']:>9.2f}  {r['triton_config']}")
         per_layer = [r for r in mrows if r["name"] != "lm_head"]
         layers = MODEL_SHAPES[args.model]["num_hidden_layers"]
         assert isinstance(layers, int)
-        for key in ("floor_us", "cublas_us", "triton_us", "splitk_us", "splitk_best_us"):
+        for key in ("floor_us", "cublas_us", "triton_us"):
             total = layers * sum(r[key] for r in per_layer) + sum(r[key] for r in mrows if r["name"] == "lm_head")
             print(f"{m:>4} step total {key[:-3]:<7}{total / 1e3:7.3f} ms")
 

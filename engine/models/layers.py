@@ -27,12 +27,6 @@ WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], None]
 # "0" turns the fused kernels off on CUDA (plain torch ops, as on the CPU): the before/after switch of
 # bench/decode_step.py. Read when a module is built, never per call.
 FUSED_KERNELS_ENV = "TOKENRELAY_FUSED_KERNELS"
-# "1" runs the narrow projections (o_proj, down_proj: out_features <= 2048) through the split-K Triton
-# GEMM (kernels/gemm.py) on CUDA for batches of <= 512 tokens. Off by default until measured against
-# cuBLAS in the engine; read when a module is built, like FUSED_KERNELS_ENV.
-SPLIT_K_GEMM_ENV = "TOKENRELAY_SPLIT_K_GEMM"
-SPLIT_K_MAX_OUT_FEATURES = 2048  # wider outputs have enough tiles to fill the SMs without a K split
-SPLIT_K_MAX_TOKENS = 512  # taller batches (prefill) are compute bound: cuBLAS is the better GEMM there
 
 
 @functools.cache
@@ -53,25 +47,6 @@ def use_fused_kernels(device: torch.device) -> bool:
     if device.type != "cuda" or os.environ.get(FUSED_KERNELS_ENV, "1") == "0":
         return False
     return _fused_kernels_importable()
-
-
-@functools.cache
-def _split_k_gemm_importable() -> bool:
-    try:
-        import kernels.gemm  # noqa: F401
-    except Exception as exc:  # a broken Triton install must not take the engine down
-        logger.warning("split-K Triton GEMM unavailable (%s); using F.linear", exc)
-        return False
-    return True
-
-
-def use_split_k_gemm(device: torch.device, out_features: int) -> bool:
-    """Whether a Linear on `device` with `out_features` outputs runs the split-K GEMM for small batches
-    (decided once, at construction; off unless SPLIT_K_GEMM_ENV is "1")."""
-    if (device.type != "cuda" or os.environ.get(SPLIT_K_GEMM_ENV, "0") != "1"
-            or out_features > SPLIT_K_MAX_OUT_FEATURES):
-        return False
-    return _split_k_gemm_importable()
 
 
 def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
@@ -107,16 +82,11 @@ class Linear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             set_weight_loader(self.bias, self.weight_loader)
-        self.is_split_k = use_split_k_gemm(self.weight.device, out_features)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         default_weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        if self.is_split_k and x.dim() == 2 and x.shape[0] <= SPLIT_K_MAX_TOKENS:
-            from kernels.gemm import linear_split_k
-
-            return linear_split_k(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
