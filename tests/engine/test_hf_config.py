@@ -18,6 +18,7 @@ from engine.hf_config import HFConfig, load_hf_config, read_hf_config
 from engine.model_files import ModelFiles
 from engine.models.llama import LlamaModelConfig
 from tests.helpers.core_probe import report_core_modules
+from tests.helpers.embedded_model import embedded_files
 from tests.helpers.tiny_models import ARCHITECTURES
 
 ARCH_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -57,6 +58,12 @@ def test_tiny_checkpoints_read_as_auto_config(tiny_model_dirs: dict[str, Path], 
     ours = assert_same_as_auto_config(tiny_model_dirs[arch])
     assert ours.model_type == arch and ours.architectures == (ARCH_NAMES[arch],)
     assert (ours.hidden_size, ours.num_hidden_layers, ours.num_key_value_heads) == (64, 2, 2)
+
+
+def test_embedded_gguf_config_reads_as_auto_config() -> None:
+    """The default model's config.json, as prepare_gguf derived it from the GGUF's metadata."""
+    ours = assert_same_as_auto_config(embedded_files().config_dir)
+    assert ours.architectures == ("LlamaForCausalLM",) and ours.num_hidden_layers == 30  # SmolLM2-135M
 
 
 def _write_config(path: Path, config: dict[str, Any]) -> Path:
