@@ -74,7 +74,7 @@ def _write_config(path: Path, config: dict[str, Any]) -> Path:
 
 # Hand-written configs: every default of a class, the pre-transformers-5 rope form, and the fields whose
 # defaults differ by architecture (Qwen3's head_dim 128, Mistral's window, Qwen's unused window).
-SPARSE_CONFIGS = {
+SPARSE_CONFIGS: dict[str, dict[str, Any]] = {
     **{f"{t}-defaults": {"model_type": t, "architectures": [a]} for t, a in ARCH_NAMES.items()},
     "llama2-old-style": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
                          "num_attention_heads": 8, "rope_theta": 500000, "vocab_size": 1000,
