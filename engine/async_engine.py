@@ -14,8 +14,8 @@ import threading
 from engine.config import EngineConfig
 from engine.core import AbortRequests, Command, EngineCore, EngineCoreOutputs, Shutdown
 from engine.core_client import EngineFrontend, OutputCallback
+from engine.hf_config import load_hf_config
 from engine.input_processor import InputProcessor, resolve_config_model
-from engine.loader import load_hf_config
 from engine.request import Request
 
 logger = logging.getLogger("tokenrelay.engine")

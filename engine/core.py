@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import msgspec
 
 from engine.config import EngineConfig
 from engine.executor import ModelExecutor, MultiprocExecutor
+from engine.hf_config import HFConfig, load_hf_config
 from engine.input_processor import resolve_config_model, resolve_max_model_len
-from engine.loader import load_hf_config
 from engine.model_files import ModelFiles
 from engine.model_runner import ModelRunner, StepHandle
 from engine.outputs import EngineCoreOutput, FinishReason
@@ -24,9 +24,6 @@ from engine.scheduler import Scheduler
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.stats import EngineStats
 from engine.structured_output import StructuredOutputManager
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
 
 logger = logging.getLogger("tokenrelay.engine")
 
@@ -69,7 +66,7 @@ class CoreChannel(Protocol):
 
 class EngineCore:
     def __init__(self, config: EngineConfig, files: ModelFiles | None = None,
-                 hf_config: PretrainedConfig | None = None) -> None:
+                 hf_config: HFConfig | None = None) -> None:
         files = files if files is not None else resolve_config_model(config)
         hf_config = hf_config if hf_config is not None else load_hf_config(files)
         self.config = config

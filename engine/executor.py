@@ -38,7 +38,7 @@ from engine.distributed import (
     init_distributed,
     rank_device,
 )
-from engine.loader import load_hf_config
+from engine.hf_config import load_hf_config
 from engine.model_files import ModelFiles
 from engine.model_runner import ModelRunner, StepHandle
 from engine.models.llama import LlamaModelConfig

@@ -9,19 +9,15 @@ from __future__ import annotations
 import random
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from engine import structured_output
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.loader import load_hf_config
+from engine.hf_config import HFConfig, load_hf_config
 from engine.model_files import ModelFiles, resolve_model
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
 
 
 def resolve_config_model(config: EngineConfig) -> ModelFiles:
@@ -29,8 +25,8 @@ def resolve_config_model(config: EngineConfig) -> ModelFiles:
     return resolve_model(config.model, Path(config.cache_dir).expanduser() if config.cache_dir else None)
 
 
-def resolve_max_model_len(config: EngineConfig, hf_config: PretrainedConfig) -> int:
-    max_positions = getattr(hf_config, "max_position_embeddings", None) or 2048
+def resolve_max_model_len(config: EngineConfig, hf_config: HFConfig) -> int:
+    max_positions = hf_config.max_position_embeddings
     if config.max_model_len is not None and config.max_model_len > max_positions:
         raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
                          f"max_position_embeddings={max_positions}; lower max_model_len")
@@ -39,7 +35,7 @@ def resolve_max_model_len(config: EngineConfig, hf_config: PretrainedConfig) -> 
 
 class InputProcessor:
     def __init__(self, config: EngineConfig, files: ModelFiles | None = None,
-                 hf_config: PretrainedConfig | None = None) -> None:
+                 hf_config: HFConfig | None = None) -> None:
         self.files = files if files is not None else resolve_config_model(config)
         hf_config = hf_config if hf_config is not None else load_hf_config(self.files)
         self.max_model_len = resolve_max_model_len(config, hf_config)

@@ -10,8 +10,8 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.hf_config import load_hf_config
 from engine.input_processor import InputProcessor, resolve_config_model
-from engine.loader import load_hf_config
 from engine.model_files import ModelFiles
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput

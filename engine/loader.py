@@ -37,16 +37,6 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_hf_config(files: ModelFiles) -> Any:
-    """The checkpoint's config.json (for a GGUF: the one prepare_gguf derived from its metadata)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(files.config_dir)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the model config of {files.name!r}: {exc}") from exc
-
-
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():

@@ -83,6 +83,8 @@ class LlamaModelConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any, tp: TPInfo | None = None) -> LlamaModelConfig:
+        """From an engine.hf_config.HFConfig (what the engine reads) or a transformers config (tests and
+        tools that have one): both carry the same attribute names."""
         model_type = getattr(hf_config, "model_type", "")
         if getattr(hf_config, "hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {hf_config.hidden_act!r} is not supported (only silu)")

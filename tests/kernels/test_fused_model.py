@@ -12,7 +12,8 @@ import torch
 import engine.models.layers
 import engine.models.llama
 from engine.attention import AttentionMetadata
-from engine.loader import load_hf_config, load_model
+from engine.hf_config import load_hf_config
+from engine.loader import load_model
 from engine.model_files import ModelFiles
 from engine.models import LlamaForCausalLM
 from engine.models.llama import LlamaDecoderLayer
