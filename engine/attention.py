@@ -104,12 +104,19 @@ class Attention(nn.Module):
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
 
+    @property
+    def is_cache_bound(self) -> bool:
+        return self.k_cache.numel() > 0
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # q [T, H, D]; k, v [T, H_kv, D] -> [T, H * D]
-        assert self.k_cache.numel() > 0, "KV cache not bound: call bind_kv_cache before forward"
+                attn_metadata: AttentionMetadata, kv_written: bool = False) -> torch.Tensor:
+        """q [T, H, D]; k, v [T, H_kv, D] -> [T, H * D]. kv_written: the caller has already stored
+        this step's k/v at attn_metadata.slot_mapping (the fused RoPE kernel does), so skip the write."""
+        assert self.is_cache_bound, "KV cache not bound: call bind_kv_cache before forward"
         write_kv_cache, paged_attention = get_attention_ops(q.device.type)
-        write_kv_cache(k, v, self.k_cache, self.v_cache, attn_metadata.slot_mapping, self.k_scale, self.v_scale)
+        if not kv_written:
+            write_kv_cache(k, v, self.k_cache, self.v_cache, attn_metadata.slot_mapping, self.k_scale,
+                           self.v_scale)
         out = paged_attention(q, self.k_cache, self.v_cache, attn_metadata.block_tables,
                               attn_metadata.seq_lens, attn_metadata.query_start_loc, self.scale,
                               attn_metadata.max_query_len, attn_metadata.max_seq_len,

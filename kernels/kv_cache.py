@@ -83,6 +83,17 @@ def check_rows(name: str, tensor: torch.Tensor, shape: tuple[int, ...], device: 
         raise ValueError(f"{name} must be contiguous along head_dim (stride 1); call .contiguous() first")
 
 
+def check_slot_mapping(slot_mapping: torch.Tensor, num_tokens: int, device: torch.device) -> None:
+    """slot_mapping [num_tokens]: contiguous int32/int64 on the cache's device."""
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in INDEX_DTYPES:
+        raise ValueError(
+            f"slot_mapping must be an int32/int64 tensor of shape ({num_tokens},) "
+            f"(PAD_SLOT_ID={PAD_SLOT_ID} for padding); got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
+    if slot_mapping.device != device or not slot_mapping.is_contiguous():
+        raise ValueError(f"slot_mapping must be a contiguous tensor on {device}")
+
+
 def dot_in_fp32(query: torch.Tensor) -> bool:
     """Whether the attention kernels run their tl.dot in fp32 (ieee): for fp32 inputs, and on CPU,
     where the Triton interpreter computes bf16 dots wrongly."""
@@ -156,6 +167,20 @@ def round_to_e4m3(x):
 
 
 @triton.jit
+def fp8_row_scale(amax):
+    """[rows] fp32 scale of rows whose largest |value| is amax, as quantize_fp8_rows computes it."""
+    return tl.maximum(amax, _FP8_MIN_AMAX) / _FP8_MAX
+
+
+@triton.jit
+def quantize_e4m3(x, scale):
+    """x [rows, cols] fp32 over its rows' scales [rows], rounded to e4m3 (still fp32, so the cast to
+    the fp8 cache that follows is exact). Shared with kernels/rope.py, which writes the cache too: one
+    definition keeps both writers bit-identical."""
+    return round_to_e4m3(tl.clamp(x / scale[:, None], -_FP8_MAX, _FP8_MAX))
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim]
     value_ptr,  # [num_tokens, num_kv_heads, head_dim]
@@ -198,10 +223,10 @@ def _write_kv_cache_kernel(
     if IS_FP8:
         # One scale per (token, head) row, computed as quantize_fp8_rows does: amax / 448 in fp32.
         k32, v32 = k.to(tl.float32), v.to(tl.float32)
-        k_s = tl.maximum(tl.max(tl.abs(k32), axis=1), _FP8_MIN_AMAX) / _FP8_MAX  # [HEADS_PAD]
-        v_s = tl.maximum(tl.max(tl.abs(v32), axis=1), _FP8_MIN_AMAX) / _FP8_MAX
-        k = round_to_e4m3(tl.clamp(k32 / k_s[:, None], -_FP8_MAX, _FP8_MAX))
-        v = round_to_e4m3(tl.clamp(v32 / v_s[:, None], -_FP8_MAX, _FP8_MAX))
+        k_s = fp8_row_scale(tl.max(tl.abs(k32), axis=1))  # [HEADS_PAD]
+        v_s = fp8_row_scale(tl.max(tl.abs(v32), axis=1))
+        k = quantize_e4m3(k32, k_s)
+        v = quantize_e4m3(v32, v_s)
         scale_dst = block * stride_scale_block + offs_h * stride_scale_head + offset
         tl.store(k_scale_ptr + scale_dst, k_s, mask=offs_h < NUM_KV_HEADS)
         tl.store(v_scale_ptr + scale_dst, v_s, mask=offs_h < NUM_KV_HEADS)
@@ -225,13 +250,7 @@ def write_kv_cache(
     num_tokens = key.shape[0]
     check_rows("key", key, (num_tokens, num_kv_heads, head_dim), k_cache.device)
     check_rows("value", value, (num_tokens, num_kv_heads, head_dim), k_cache.device)
-    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in INDEX_DTYPES:
-        raise ValueError(
-            f"slot_mapping must be an int32/int64 tensor of shape ({num_tokens},) "
-            f"(PAD_SLOT_ID={PAD_SLOT_ID} for padding); got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
-        )
-    if slot_mapping.device != k_cache.device or not slot_mapping.is_contiguous():
-        raise ValueError(f"slot_mapping must be a contiguous tensor on {k_cache.device}")
+    check_slot_mapping(slot_mapping, num_tokens, k_cache.device)
     if num_tokens == 0:
         return
     k_scale_arg, v_scale_arg, is_fp8 = scale_args(k_cache, k_scale, v_scale)

@@ -1,13 +1,24 @@
 """Per-head RMSNorm (Qwen3's q_norm/k_norm) and neox-style RoPE on q and k in place, one Triton launch.
 
 cos/sin come from a table built once with the same torch ops as engine/models/layers.RotaryEmbedding,
-so the values are bit-identical; the kernel repeats HF's rounding steps in the model dtype."""
+so the values are bit-identical; the kernel repeats HF's rounding steps in the model dtype. Given the
+paged cache and slot_mapping, the same launch also stores the rotated k and the untouched v there,
+bit-identical to kernels/kv_cache.write_kv_cache (which the attention layer then skips)."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.kv_cache import (
+    check_kv_cache,
+    check_rows,
+    check_slot_mapping,
+    fp8_row_scale,
+    quantize_e4m3,
+    scale_args,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -62,8 +73,41 @@ def _norm_rope_heads(
     # rounded to the model dtype as torch does (no-ops in fp32).
     out1 = (a1 * cos).to(dtype).to(tl.float32) - (a2 * sin).to(dtype).to(tl.float32)
     out2 = (a2 * cos).to(dtype).to(tl.float32) + (a1 * sin).to(dtype).to(tl.float32)
-    tl.store(ptrs1, out1.to(dtype), mask=mask)
-    tl.store(ptrs1 + HALF, out2.to(dtype), mask=mask)
+    out1 = out1.to(dtype)
+    out2 = out2.to(dtype)
+    tl.store(ptrs1, out1, mask=mask)
+    tl.store(ptrs1 + HALF, out2, mask=mask)
+    return out1, out2  # what was stored, for the cache write
+
+
+@triton.jit
+def _store_cache_rows(
+    cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    dst,  # [HEADS_PAD, 1] int64: offset of each head's row of this token's slot
+    x1,  # [HEADS_PAD, HALF] in the model dtype: first half of each head's row
+    x2,  # [HEADS_PAD, HALF]: second half
+    scale_ptr,  # [num_blocks, num_kv_heads, block_size] fp32 (written only when IS_FP8)
+    scale_dst,  # [HEADS_PAD] int64
+    head_mask,  # [HEADS_PAD]
+    HALF: tl.constexpr,
+    IS_FP8: tl.constexpr,
+):
+    """What _write_kv_cache_kernel stores for one (token, head) row, from the row's two halves."""
+    offs_d = tl.arange(0, HALF)[None, :]
+    if IS_FP8:
+        a1 = x1.to(tl.float32)
+        a2 = x2.to(tl.float32)
+        # The row's amax is the larger of its halves' (max is exact), so the scale equals write_kv_cache's.
+        scale = fp8_row_scale(tl.maximum(tl.max(tl.abs(a1), axis=1), tl.max(tl.abs(a2), axis=1)))
+        tl.store(scale_ptr + scale_dst, scale, mask=head_mask)
+        y1 = quantize_e4m3(a1, scale)
+        y2 = quantize_e4m3(a2, scale)
+    else:
+        y1 = x1
+        y2 = x2
+    mask = head_mask[:, None]
+    tl.store(cache_ptr + dst + offs_d, y1.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(cache_ptr + dst + HALF + offs_d, y2.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -85,10 +129,27 @@ def _qk_norm_rope_kernel(
     max_positions,
     inv_head_dim,
     eps,
+    # The paged-cache write (read only when WRITE_CACHE): what write_kv_cache takes.
+    v_ptr,  # [num_tokens, num_kv_heads, head_dim], read only
+    k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    slot_mapping_ptr,  # [num_tokens] int, PAD_SLOT_ID for padding
+    k_scale_ptr,  # [num_blocks, num_kv_heads, block_size] fp32 (written only when IS_FP8)
+    v_scale_ptr,
+    stride_v_tok,
+    stride_v_head,
+    stride_kv_block,
+    stride_kv_head,
+    stride_kv_tok,
+    stride_scale_block,
+    stride_scale_head,
     HAS_NORM: tl.constexpr,
     Q_HEADS_PAD: tl.constexpr,
     K_HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr,  # head_dim // 2
+    WRITE_CACHE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)  # 64-bit: tok * stride_q_tok passes 2**31 in long prefills
     is_key = tl.program_id(1) == 1  # program (t, 0) rotates q's heads, (t, 1) k's heads
@@ -103,8 +164,24 @@ def _qk_norm_rope_kernel(
     cos = tl.load(cache_row + offs_d).to(dtype).to(tl.float32)[None, :]
     sin = tl.load(cache_row + HALF + offs_d).to(dtype).to(tl.float32)[None, :]
     if is_key:
-        _norm_rope_heads(k_ptr + tok * stride_k_tok, stride_k_head, num_kv_heads, cos, sin,
-                         k_norm_weight_ptr, inv_head_dim, eps, HAS_NORM, K_HEADS_PAD, HALF)
+        k1, k2 = _norm_rope_heads(k_ptr + tok * stride_k_tok, stride_k_head, num_kv_heads, cos, sin,
+                                  k_norm_weight_ptr, inv_head_dim, eps, HAS_NORM, K_HEADS_PAD, HALF)
+        if WRITE_CACHE:
+            # k and v go to the cache from this program: with v's rows it moves about what q's does.
+            slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+            if slot >= 0:  # PAD_SLOT_ID: a padding token owns no slot
+                block = slot // BLOCK_SIZE
+                offset = slot % BLOCK_SIZE
+                offs_h = tl.arange(0, K_HEADS_PAD)
+                head_mask = offs_h < num_kv_heads
+                # 64-bit: block * stride_kv_block passes 2**31 elements in a large pool.
+                dst = (block * stride_kv_block + offset * stride_kv_tok + offs_h * stride_kv_head)[:, None]
+                scale_dst = block * stride_scale_block + offs_h * stride_scale_head + offset
+                _store_cache_rows(k_cache_ptr, dst, k1, k2, k_scale_ptr, scale_dst, head_mask, HALF, IS_FP8)
+                v_row = v_ptr + tok * stride_v_tok + offs_h[:, None] * stride_v_head + offs_d[None, :]
+                v1 = tl.load(v_row, mask=head_mask[:, None], other=0.0)
+                v2 = tl.load(v_row + HALF, mask=head_mask[:, None], other=0.0)
+                _store_cache_rows(v_cache_ptr, dst, v1, v2, v_scale_ptr, scale_dst, head_mask, HALF, IS_FP8)
     else:
         _norm_rope_heads(q_ptr + tok * stride_q_tok, stride_q_head, num_heads, cos, sin,
                          q_norm_weight_ptr, inv_head_dim, eps, HAS_NORM, Q_HEADS_PAD, HALF)
@@ -128,8 +205,17 @@ def qk_norm_rope(
     q_norm_weight: torch.Tensor | None,  # [head_dim]: Qwen3's per-head RMSNorm of q, or None
     k_norm_weight: torch.Tensor | None,  # [head_dim], given exactly when q_norm_weight is
     eps: float,
+    *,
+    value: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim]: v, stored as it is
+    k_cache: torch.Tensor | None = None,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor | None = None,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    slot_mapping: torch.Tensor | None = None,  # [num_tokens] int, PAD_SLOT_ID for padding
+    k_scale: torch.Tensor | None = None,  # [num_blocks, num_kv_heads, block_size] fp32: fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Optional per-head RMSNorm, then neox RoPE (rotate_half), on q and k in place."""
+    """Optional per-head RMSNorm, then neox RoPE (rotate_half), on q and k in place. Given value, the
+    caches and slot_mapping, also stores the rotated k and value at each token's slot, exactly as
+    write_kv_cache(k, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) would after this call."""
     if q.dim() != 3:
         raise ValueError(f"q must be [num_tokens, num_heads, head_dim]; got {tuple(q.shape)}")
     num_tokens, num_heads, head_dim = q.shape
@@ -155,9 +241,26 @@ def qk_norm_rope(
                     ("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q on {q.device}")
+    write_cache, block_size = False, 1
+    if value is not None and k_cache is not None and v_cache is not None and slot_mapping is not None:
+        write_cache = True
+        _, num_kv_heads, block_size, cache_head_dim = check_kv_cache(k_cache, v_cache, k_scale, v_scale)
+        check_rows("k", k, (num_tokens, num_kv_heads, cache_head_dim), k_cache.device)
+        check_rows("value", value, (num_tokens, num_kv_heads, cache_head_dim), k_cache.device)
+        if value.dtype != q.dtype:
+            raise ValueError(f"value must share q's dtype ({q.dtype}); got {value.dtype}")
+        check_slot_mapping(slot_mapping, num_tokens, k_cache.device)
+    elif any(t is not None for t in (value, k_cache, v_cache, slot_mapping, k_scale, v_scale)):
+        raise ValueError("to write the KV cache pass value, k_cache, v_cache and slot_mapping (and the "
+                         "scales of an fp8 cache); pass none of them to only rotate")
     if num_tokens == 0:
         return
     has_norm = q_norm_weight is not None
+    # Without a cache write the cache pointers are never read; k stands in for them (one signature).
+    v_arg = value if value is not None else k
+    k_cache_arg = k_cache if k_cache is not None else k
+    v_cache_arg = v_cache if v_cache is not None else k
+    k_scale_arg, v_scale_arg, is_fp8 = scale_args(k_cache_arg, k_scale, v_scale)
     _qk_norm_rope_kernel[(num_tokens, 2)](
         q_ptr=q,
         k_ptr=k,
@@ -176,9 +279,25 @@ def qk_norm_rope(
         max_positions=cos_sin_cache.shape[0],
         inv_head_dim=1.0 / head_dim,
         eps=eps,
+        v_ptr=v_arg,
+        k_cache_ptr=k_cache_arg,
+        v_cache_ptr=v_cache_arg,
+        slot_mapping_ptr=slot_mapping if slot_mapping is not None else positions,
+        k_scale_ptr=k_scale_arg,
+        v_scale_ptr=v_scale_arg,
+        stride_v_tok=v_arg.stride(0),
+        stride_v_head=v_arg.stride(1),
+        stride_kv_block=k_cache_arg.stride(0),
+        stride_kv_head=k_cache_arg.stride(1),
+        stride_kv_tok=k_cache_arg.stride(2),
+        stride_scale_block=k_scale_arg.stride(0),
+        stride_scale_head=k_scale_arg.stride(1),
         HAS_NORM=has_norm,
         Q_HEADS_PAD=triton.next_power_of_2(num_heads),
         K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
         HALF=head_dim // 2,
+        WRITE_CACHE=write_cache,
+        BLOCK_SIZE=block_size,
+        IS_FP8=is_fp8,
         num_warps=4,
     )

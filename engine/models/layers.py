@@ -228,16 +228,22 @@ class RotaryEmbedding(nn.Module):
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
     def norm_and_rotate_(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                         q_norm: RMSNorm | None, k_norm: RMSNorm | None) -> None:
+                         q_norm: RMSNorm | None, k_norm: RMSNorm | None, *,
+                         v: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+                         v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
         """Fused path: optional per-head RMSNorm (Qwen3) then RoPE, in place on q [T, H, D] and
-        k [T, H_kv, D], one kernel launch."""
+        k [T, H_kv, D], one kernel launch. Given v [T, H_kv, D], a layer's paged cache (and its fp8
+        scales) and slot_mapping [T], the same launch stores the rotated k and v at their slots."""
         from kernels.rope import qk_norm_rope
 
         assert self.cos_sin_cache is not None, "norm_and_rotate_ needs the fused path (is_fused)"
         qk_norm_rope(q, k, positions, self.cos_sin_cache,
                      q_norm.weight if q_norm is not None else None,
                      k_norm.weight if k_norm is not None else None,
-                     q_norm.eps if q_norm is not None else 0.0)
+                     q_norm.eps if q_norm is not None else 0.0,
+                     value=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+                     k_scale=k_scale, v_scale=v_scale)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

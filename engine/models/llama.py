@@ -153,14 +153,24 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        kv_written = False
         if self.rotary_emb.is_fused:
-            # In place on the q/k views of qkv: one launch instead of ~20 small kernels.
-            self.rotary_emb.norm_and_rotate_(positions, q, k, self.q_norm, self.k_norm)
+            # In place on the q/k views of qkv: one launch instead of ~20 small kernels. With the cache
+            # bound, that launch also stores k/v in it (one launch and one read of k/v fewer a layer).
+            attn = self.attn
+            if attn.is_cache_bound:
+                self.rotary_emb.norm_and_rotate_(positions, q, k, self.q_norm, self.k_norm, v=v,
+                                                 k_cache=attn.k_cache, v_cache=attn.v_cache,
+                                                 slot_mapping=attn_metadata.slot_mapping,
+                                                 k_scale=attn.k_scale, v_scale=attn.v_scale)
+                kv_written = True
+            else:
+                self.rotary_emb.norm_and_rotate_(positions, q, k, self.q_norm, self.k_norm)
         else:
             if self.q_norm is not None and self.k_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, attn_metadata)  # [T, H * D]
+        out = self.attn(q, k, v, attn_metadata, kv_written=kv_written)  # [T, H * D]
         return self.o_proj(out)  # [T, hidden]
 
 

@@ -17,7 +17,7 @@ if not HAS_CUDA:
     # Triton reads TRITON_INTERPRET when a kernel is decorated. If another test package imported the
     # kernels first, they were decorated for a GPU: decorate them again, in import order. reload keeps
     # each module's namespace, so functions already imported elsewhere see the interpreted kernels.
-    for name in ("kernels.kv_cache", "kernels.decode_attention", "kernels.prefill_attention"):
+    for name in ("kernels.kv_cache", "kernels.rope", "kernels.decode_attention", "kernels.prefill_attention"):
         if name in sys.modules:
             importlib.reload(sys.modules[name])
 
