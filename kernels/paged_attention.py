@@ -46,9 +46,10 @@ def paged_attention(
                         query_start_loc[:num_decodes + 1], scale, 1, max_decode_seq_len or max_seq_len,
                         out=out, k_scale=k_scale, v_scale=v_scale, decode_config=decode_config)
         # query_start_loc holds absolute token offsets: the prefill part reads and writes its own rows.
-        return paged_attention(query, k_cache, v_cache, block_tables[num_decodes:], seq_lens[num_decodes:],
-                               query_start_loc[num_decodes:], scale, max_query_len, max_seq_len, out=out,
-                               k_scale=k_scale, v_scale=v_scale, prefill_config=prefill_config)
+        return prefill_attention(query=query, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                                 seq_lens=seq_lens, query_start_loc=query_start_loc, scale=scale,
+                                 max_query_len=max_query_len, out=out, config=prefill_config, k_scale=k_scale,
+                                 v_scale=v_scale, seq_offset=num_decodes)
     if max_query_len <= 1:
         return decode_attention(
             query=query,

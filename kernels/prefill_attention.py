@@ -70,7 +70,9 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# seq_offset takes any value from step to step: specialising on it (== 1, % 16) would compile new
+# variants in the middle of serving.
+@triton.jit(do_not_specialize=["seq_offset"])
 def _prefill_kernel(
     query_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
@@ -82,6 +84,7 @@ def _prefill_kernel(
     k_scale_ptr,  # [num_blocks, num_kv_heads, block_size] fp32 (fp8 caches only)
     v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in exp2
+    seq_offset,  # program 0 serves sequence seq_offset (the leading ones are another kernel's)
     stride_q_tok,
     stride_q_head,
     stride_cache_block,
@@ -103,7 +106,7 @@ def _prefill_kernel(
     IS_FP8: tl.constexpr,
     CAUSAL_SPLIT: tl.constexpr,  # mask only the tiles the diagonal crosses; heaviest query tiles first
 ):
-    seq = tl.program_id(0)
+    seq = tl.program_id(0) + seq_offset
     kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -192,16 +195,21 @@ def prefill_attention(
     config: PrefillConfig | None = None,
     k_scale: torch.Tensor | None = None,  # [num_blocks, num_kv_heads, block_size] fp32: fp8 caches only
     v_scale: torch.Tensor | None = None,
+    seq_offset: int = 0,  # attend only for sequences seq_offset.. (the leading ones are left alone)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens (its last ones) over its cached context; the
     K/V of this step's tokens must already be in the cache. max_query_len is a host upper bound of
-    the query lengths (it sizes the grid)."""
+    the query lengths of the sequences attended (it sizes the grid).
+
+    seq_offset, rather than sliced tensors, skips sequences: a slice moves the data pointers off
+    16-byte alignment by a different amount at every split point, and Triton compiles a kernel per
+    alignment it sees."""
     out = check_attention_args(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
                                k_scale, v_scale)
-    num_seqs = seq_lens.shape[0]
+    num_seqs = seq_lens.shape[0] - seq_offset
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
-    if num_seqs == 0 or query.shape[0] == 0 or max_query_len <= 0:
+    if num_seqs <= 0 or query.shape[0] == 0 or max_query_len <= 0:
         return out
     config = config or PrefillConfig()
     group = num_heads // num_kv_heads
@@ -222,6 +230,7 @@ def prefill_attention(
         k_scale_ptr=k_scale_arg,
         v_scale_ptr=v_scale_arg,
         qk_scale=scale * LOG2E,
+        seq_offset=seq_offset,
         stride_q_tok=query.stride(0),
         stride_q_head=query.stride(1),
         stride_cache_block=k_cache.stride(0),
