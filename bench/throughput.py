@@ -12,7 +12,7 @@ and bf16 matmul rate measured in the same run.
     python -m bench.throughput --model llama-3-70b --load-format dummy --tensor-parallel-size 4 --baselines 0
 
 A config is `KV[:switch=value]...`: KV is auto or fp8; switches: split=N (decode partitions of at most N
-tokens, TOKENRELAY_DECODE_MAX_PARTITION_TOKENS), causal=1 (prefill causal split,
+tokens, TOKENRELAY_DECODE_MAX_PARTITION_TOKENS), causal=0 (prefill causal split off; on by default,
 TOKENRELAY_PREFILL_CAUSAL_SPLIT), async=off (one step at a time). --repeats N times the workload N times
 on each config's engine (prefix cache reset in between) and reports the median, min and max.
 

@@ -51,9 +51,9 @@ step check 45 $PY -m pytest tests/kernels -q -x -n 8 --confcutdir=tests/kernels 
 step bench 130 $PY -m bench.throughput --workload benchmark $bench_args \
   --configs auto,auto:split=512,fp8 --json "$out/throughput-qwen3-benchmark.json" \
   --write-workload-json "$out/workload-benchmark.json"
-# 3. Prefill-heavy workload: auto, A/B switch B (prefill causal split), fp8.
+# 3. Prefill-heavy workload: auto (causal split on, the default), switch B off (causal=0), fp8.
 step heavy 105 $PY -m bench.throughput --workload prefill-heavy $bench_args \
-  --configs auto,auto:causal=1,fp8 --json "$out/throughput-qwen3-prefill-heavy.json" \
+  --configs auto,auto:causal=0,fp8 --json "$out/throughput-qwen3-prefill-heavy.json" \
   --write-workload-json "$out/workload-prefill-heavy.json"
 # 4. fp8 quality on the benchmark shape (64 of the workload's prompts, 64 greedy tokens each), and on a
 #    trained model (the synthetic language: peaked distributions like a real checkpoint's).
