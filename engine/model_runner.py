@@ -467,12 +467,8 @@ class StepInputs:
                  self.block_tables.reshape(-1), self.logits_indices, self.sampled_rows]
         if self.token_rows is not None:
             parts.append(self.token_rows)
-        if device.type == "cuda":
-            packed = torch.empty(sum(p.numel() for p in parts), dtype=torch.int64, pin_memory=True)
-            torch.cat([p.to(torch.int64) for p in parts], out=packed)
-            on_device = packed.to(device, non_blocking=True).split([p.numel() for p in parts])
-        else:
-            on_device = tuple(p.to(device) for p in parts)
+        # The CPU runs the same packing (without pinning), so its tests cover what the GPU runs.
+        on_device = pack_int64(parts, device, pin_memory=device.type == "cuda")
         input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, logits_indices, sampled_rows = \
             on_device[:8]
         if self.token_rows is not None:
@@ -484,6 +480,20 @@ class StepInputs:
             max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, num_decodes=self.num_decodes,
             max_decode_seq_len=self.max_decode_seq_len)
         return input_ids, positions, attn_metadata, logits_indices, sampled_rows
+
+
+def pack_int64(parts: list[torch.Tensor], device: torch.device, pin_memory: bool) -> tuple[torch.Tensor, ...]:
+    """The parts as int64 on `device`, moved in one (pinned, non-blocking) copy, each a view of the one
+    buffer that starts on a 16-byte boundary (an even number of int64s): Triton specialises a kernel on
+    its pointers' alignment, and a view aligned in one step and not in the next would compile a second
+    variant mid-serving."""
+    sizes = [p.numel() for p in parts]
+    padded = [n + n % 2 for n in sizes]
+    packed = torch.empty(sum(padded), dtype=torch.int64, pin_memory=pin_memory)  # pads are never read
+    for part, view in zip(parts, packed.split(padded), strict=True):
+        view[:part.numel()] = part.reshape(-1)
+    moved = packed.to(device, non_blocking=pin_memory).split(padded)
+    return tuple(v[:n] for v, n in zip(moved, sizes, strict=True))
 
 
 def _logprobs_to_dicts(states: list[CachedRequestState], token_ids: list[int], logprobs: SampleLogprobs

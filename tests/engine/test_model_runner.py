@@ -180,3 +180,16 @@ def test_profile_run_leaves_no_state(tiny_model_dirs: dict[str, Path]) -> None:
     driver = _Driver(runner)
     driver.add("a", PROMPT_A, SamplingParams(temperature=0.0))
     assert set(driver.step({"a": len(PROMPT_A)}).sampled_token_ids) == {"a"}
+
+
+def test_pack_int64_views_start_on_16_byte_boundaries() -> None:
+    from engine.model_runner import pack_int64
+
+    parts = [torch.arange(3), torch.tensor([7, 8], dtype=torch.int32), torch.arange(5).view(1, 5),
+             torch.empty(0, dtype=torch.int64), torch.tensor([-1])]
+    views = pack_int64(parts, torch.device("cpu"), pin_memory=False)
+    for part, view in zip(parts, views, strict=True):
+        assert view.dtype == torch.int64
+        assert view.tolist() == part.reshape(-1).tolist()
+        # Triton specialises on 16-byte pointer alignment: every view must keep it whatever the sizes.
+        assert (view.storage_offset() * view.element_size()) % 16 == 0
