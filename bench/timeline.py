@@ -6,7 +6,9 @@
 Each step is classed by what it computes: "mixed" (a prefill chunk in it) or decode-only, by batch
 size. Its floor is the bytes it must read at the copy bandwidth (the KV of every scheduled token's
 context plus the weights once) or, for mixed steps, its FLOPs at the measured matmul rate, whichever is
-larger. Wall time per step is the gap between step() returns; under async scheduling that is the GPU's
+larger. "sum floor" counts the step's kernels one after another instead: the decode rows' KV bytes at
+the copy rate, plus the GEMMs (weight bytes or FLOPs, the larger), plus the prefill chunks' causal
+attention FLOPs at the matmul rate; for a mixed step that is the fairer bound. Wall time per step is the gap between step() returns; under async scheduling that is the GPU's
 time per step whenever the GPU is the bottleneck. The table says which class holds the lost seconds.
 """
 
@@ -26,6 +28,7 @@ import torch
 from bench.throughput import copy_bandwidth, matmul_rate
 from bench.workload import (
     MODEL_SHAPES,
+    _dims,
     kv_bytes_per_token,
     make_checkpoint,
     make_workload,
@@ -45,6 +48,8 @@ class StepRecord:
     seqs: int
     prefill_tokens: int  # tokens of requests with more than one scheduled token
     context_tokens: int  # sum over scheduled requests of the context their attention reads
+    decode_context_tokens: int = 0  # the same over the one-token rows only
+    prefill_pairs: int = 0  # causal (query, key) pairs of the prefill chunks
     wall_s: float = 0.0
 
 
@@ -53,13 +58,15 @@ class Bucket:
     steps: int = 0
     wall_s: float = 0.0
     floor_s: float = 0.0
+    sum_floor_s: float = 0.0
     tokens: int = 0
 
     def row(self, name: str) -> dict[str, Any]:
         return dict(bucket=name, steps=self.steps, wall_s=self.wall_s, floor_s=self.floor_s,
                     ms_per_step=1e3 * self.wall_s / max(self.steps, 1),
                     of_floor=self.floor_s / self.wall_s if self.wall_s else 0.0,
-                    lost_s=self.wall_s - self.floor_s, tokens=self.tokens)
+                    lost_s=self.wall_s - self.floor_s, tokens=self.tokens, sum_floor_s=self.sum_floor_s,
+                    of_sum_floor=self.sum_floor_s / self.wall_s if self.wall_s else 0.0)
 
 
 @dataclass
@@ -67,10 +74,13 @@ class Timeline:
     records: list[StepRecord] = field(default_factory=list)
 
     def record(self, out: SchedulerOutput, computed: dict[str, int]) -> None:
-        prefill = sum(n for n in out.num_scheduled_tokens.values() if n > 1)
-        context = sum(computed.get(rid, 0) + n for rid, n in out.num_scheduled_tokens.items())
-        self.records.append(StepRecord(out.total_num_scheduled_tokens, len(out.num_scheduled_tokens),
-                                       prefill, context))
+        scheduled = out.num_scheduled_tokens
+        prefill = sum(n for n in scheduled.values() if n > 1)
+        context = sum(computed.get(rid, 0) + n for rid, n in scheduled.items())
+        decode_context = sum(computed.get(rid, 0) + 1 for rid, n in scheduled.items() if n == 1)
+        pairs = sum(n * computed.get(rid, 0) + n * (n + 1) // 2 for rid, n in scheduled.items() if n > 1)
+        self.records.append(StepRecord(out.total_num_scheduled_tokens, len(scheduled), prefill, context,
+                                       decode_context, pairs))
 
 
 def bucket_name(rec: StepRecord) -> str:
@@ -81,16 +91,22 @@ def bucket_name(rec: StepRecord) -> str:
 
 
 def summarize(records: list[StepRecord], kv_per_token: int, weight_bytes: int, flops_per_token: float,
-              bandwidth: float, matmul: float) -> list[dict[str, Any]]:
+              bandwidth: float, matmul: float, flops_per_pair: float = 0.0) -> list[dict[str, Any]]:
+    """Per-bucket wall time and floors; flops_per_pair: attention FLOPs of one causal (query, key) pair
+    over all layers and heads (4 x head_dim x heads x layers)."""
     buckets: dict[str, Bucket] = {}
     total = Bucket()
     for rec in records:
         floor = max((rec.context_tokens * kv_per_token + weight_bytes) / bandwidth,
                     rec.tokens * flops_per_token / matmul)
+        sum_floor = (rec.decode_context_tokens * kv_per_token / bandwidth
+                     + max(weight_bytes / bandwidth, rec.tokens * flops_per_token / matmul)
+                     + rec.prefill_pairs * flops_per_pair / matmul)
         for b in (buckets.setdefault(bucket_name(rec), Bucket()), total):
             b.steps += 1
             b.wall_s += rec.wall_s
             b.floor_s += floor
+            b.sum_floor_s += sum_floor
             b.tokens += rec.tokens
     rows = [buckets[name].row(name) for name in sorted(buckets)]
     rows.append(total.row("all"))
@@ -175,7 +191,9 @@ def main() -> None:
         records = run(engine, workload.prompts, workload.output_lens)
         wall = time.perf_counter() - started
         engine.shutdown()
-    rows = summarize(records, kv_bytes_per_token(shape), weight_bytes, 2.0 * params, bandwidth, matmul)
+    layers, heads, head_dim = _dims(shape, "num_hidden_layers", "num_attention_heads", "head_dim")
+    rows = summarize(records, kv_bytes_per_token(shape), weight_bytes, 2.0 * params, bandwidth, matmul,
+                     4.0 * head_dim * heads * layers)
     report = dict(model=args.model, workload=args.workload, device=args.device, wall_s=wall,
                   copy_bandwidth_tb_s=bandwidth / 1e12, matmul_tflop_s=matmul / 1e12, buckets=rows,
                   date=time.strftime("%Y-%m-%d"))
@@ -183,10 +201,11 @@ def main() -> None:
         Path(os.environ["OUT"], f"timeline-{args.model}-{args.workload}.json").write_text(json.dumps(report, indent=1))
     print(f"{args.model} {args.workload}: {wall:.2f} s, {len(records)} steps, copy {bandwidth / 1e12:.2f} TB/s, "
           f"matmul {matmul / 1e12:.0f} TFLOP/s")
-    print(f"{'bucket':<24}{'steps':>6}{'wall s':>8}{'floor s':>8}{'ms/step':>8}{'of floor':>9}{'lost s':>8}")
+    print(f"{'bucket':<24}{'steps':>6}{'wall s':>8}{'floor s':>8}{'ms/step':>8}{'of floor':>9}{'lost s':>8}"
+          f"{'sum floor':>10}{'of sum':>7}")
     for r in rows:
         print(f"{r['bucket']:<24}{r['steps']:>6}{r['wall_s']:>8.3f}{r['floor_s']:>8.3f}{r['ms_per_step']:>8.2f}"
-              f"{r['of_floor']:>9.2f}{r['lost_s']:>8.3f}")
+              f"{r['of_floor']:>9.2f}{r['lost_s']:>8.3f}{r['sum_floor_s']:>10.3f}{r['of_sum_floor']:>7.2f}")
 
 
 if __name__ == "__main__":

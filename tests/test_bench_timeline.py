@@ -30,6 +30,11 @@ def test_floor_is_the_larger_of_bytes_and_flops() -> None:
     assert by_name["mixed (prefill chunk)"]["floor_s"] == pytest.approx(601.0)
     rows = summarize([mixed], kv_per_token=0, weight_bytes=0, flops_per_token=10.0, bandwidth=1000.0, matmul=100.0)
     assert rows[0]["floor_s"] == pytest.approx(500.0)  # now the FLOPs bound
+    # Kernels one after another: decode rows' KV bytes + GEMMs (bytes or FLOPs) + prefill attention FLOPs.
+    mixed.decode_context_tokens, mixed.prefill_pairs = 2000, 300
+    row = summarize([mixed], kv_per_token=100, weight_bytes=1000, flops_per_token=10.0, bandwidth=1000.0,
+                    matmul=10_000.0, flops_per_pair=1000.0)[0]
+    assert row["sum_floor_s"] == pytest.approx(2000 * 100 / 1000 + max(1.0, 5.0) + 300 * 1000 / 10_000)
     total = {r["bucket"]: r for r in summarize([decode, mixed], 100, 1000, 10.0, 1000.0, 10_000.0)}["all"]
     assert total["steps"] == 2 and total["wall_s"] == pytest.approx(6.0)
     assert total["lost_s"] == pytest.approx(6.0 - 702.0)
@@ -55,3 +60,9 @@ def test_cpu_run_records_every_step(tmp_path: object) -> None:
                                               - len(workload.prompts))
     assert all(r.wall_s > 0 for r in records)
     assert any(r.prefill_tokens for r in records) and not math.isnan(records[0].wall_s)
+    # A prompt computed from scratch has n (n + 1) / 2 causal pairs however it is chunked; a one-token
+    # chunk (counted as a decode row) leaves out at most its own n.
+    exact = sum(len(p) * (len(p) + 1) // 2 for p in workload.prompts)
+    pairs = sum(r.prefill_pairs for r in records)
+    assert exact - workload.num_prompt_tokens <= pairs <= exact
+    assert all(r.decode_context_tokens <= r.context_tokens for r in records)
