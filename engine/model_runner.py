@@ -21,7 +21,7 @@ from engine.distributed import TPInfo, broadcast_from_driver, rank_device
 from engine.errors import UnsupportedModelError
 from engine.loader import load_model, resolve_dtype
 from engine.model_files import ModelFiles
-from engine.sampler import SampleLogprobs, Sampler, SamplingMetadata
+from engine.sampler import SampleLogprobs, Sampler, SamplingMetadata, takes_model_dtype
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.structured_output import RequestGrammar, StructuredOutputManager
@@ -291,10 +291,10 @@ class ModelRunner:
             [s.token_ids for s in sampled], [s.num_prompt_tokens for s in sampled], self.vocab_size, self.device)
         self._add_token_bitmask(sampled, metadata)
         logits = self.model.compute_logits(rows)  # [N, vocab] in the model's dtype
-        if not (metadata.is_all_greedy and metadata.max_num_logprobs is None
-                and metadata.repetition_penalty is None and metadata.token_bitmask is None):
-            # Plain greedy takes the argmax of the model's own logits: the fp32 upcast is exact, so it
-            # would pick the same token, after a [N, vocab] copy (~0.2 ms a step at 256 x 151,936).
+        if not takes_model_dtype(metadata, self.device):
+            # Plain greedy (and the fused sampling kernel, which upcasts in registers) reads the model's
+            # own logits: the fp32 upcast is exact, so it would pick the same token, after a [N, vocab]
+            # copy (~0.2 ms a step at 256 x 151,936).
             logits = logits.float()
         assert metadata.output_token_ids is None or not any(s.num_pending for s in sampled), \
             "penalties read the output tokens on the host: schedule such a step with nothing in flight"

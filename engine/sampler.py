@@ -5,12 +5,16 @@ SamplingMetadata holds one row per sampled request, as tensors on the logits' de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
 _SEED_MASK = (1 << 63) - 1  # seeds are taken mod 2^63 so they fit an int64 tensor
@@ -121,11 +125,60 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> tuple[torch.Tens
         apply_token_bitmask(logits, md.token_bitmask, md.bitmask_rows)
     if md.is_all_greedy:
         token_ids = logits.argmax(dim=-1)
+    elif (fused := _fused_gumbel_argmax(logits.device.type)) is not None and not _needs_sort_or_softmax(md):
+        # One pass over the logits instead of ~15 int64 passes for the noise: the same tokens.
+        token_ids = fused(logits, md.temperature, row_keys(md.seeds, md.positions))
     else:
         token_ids = _sample_random(logits, md)
         if md.is_any_greedy:
             token_ids = torch.where(md.temperature == 0.0, logits.argmax(dim=-1), token_ids)
     return token_ids, _logprobs(logprobs_src, token_ids, md.max_num_logprobs)
+
+
+def takes_model_dtype(md: SamplingMetadata, device: torch.device) -> bool:
+    """Whether sample() may be given the logits in the model's dtype (no fp32 upcast first): an
+    all-greedy batch, or one the fused kernel samples, when nothing else reads them (logprobs,
+    penalties, a grammar's mask)."""
+    if md.max_num_logprobs is not None or md.repetition_penalty is not None or md.token_bitmask is not None:
+        return False
+    return md.is_all_greedy or (_fused_gumbel_argmax(device.type) is not None and not _needs_sort_or_softmax(md))
+
+
+def _needs_sort_or_softmax(md: SamplingMetadata) -> bool:
+    return md.is_any_top_k or md.is_any_top_p or md.is_any_min_p
+
+
+@functools.cache
+def _fused_gumbel_argmax(device_type: str) -> Callable[..., torch.Tensor] | None:
+    """kernels.sampling.gumbel_argmax on CUDA, once it has drawn the torch path's tokens on a small batch
+    on this device; None elsewhere, or when Triton cannot compile it or it disagrees (torch ops then)."""
+    if device_type != "cuda":
+        return None
+    try:
+        from kernels.sampling import gumbel_argmax
+
+        if agrees_with_torch(gumbel_argmax, torch.device(device_type)):
+            return gumbel_argmax
+        logger.warning("fused sampling kernel disagrees with the torch sampler on this device; using torch ops")
+    except Exception as exc:  # a broken Triton install must not take sampling down
+        logger.warning("fused sampling kernel unavailable (%s); using torch ops", exc)
+    return None
+
+
+def agrees_with_torch(kernel: Callable[..., torch.Tensor], device: torch.device) -> bool:
+    """Whether `kernel` (gumbel_argmax's signature) draws the tokens _sample_random draws, greedy rows
+    and large seeds included, on fp32 logits and on bf16 ones (which it reads without an upcast)."""
+    logits = (torch.randn(4, 4099, generator=torch.Generator().manual_seed(0)) * 3).to(device)
+    md = SamplingMetadata.from_params(
+        [SamplingParams(temperature=t) for t in (1.0, 0.0, 0.7, 1.3)], [11, 12, 13, 2**40 + 5],
+        [1, 2, 300, 4096], [[0]] * 4, [1] * 4, logits.shape[1], device)
+    keys = row_keys(md.seeds, md.positions)
+    for rows in (logits, logits.to(torch.bfloat16)):
+        exact = rows.float()
+        expected = torch.where(md.temperature == 0.0, exact.argmax(dim=-1), _sample_random(exact, md))
+        if not torch.equal(kernel(rows, md.temperature, keys), expected):
+            return False
+    return True
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -180,11 +233,16 @@ def _apply_top_k_top_p(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tens
 def random_uniforms(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Uniforms in (0, 1), [N, V] float32, each a hash of (seed, position, vocab index): counter-based,
     so no generator state and no dependence on batch composition. int64 ops on 32-bit lanes."""
-    seed_lo, seed_hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    row_key = _mix32(seed_lo ^ _mix32(seed_hi ^ _mix32(positions & _MASK32) ^ 0x3C6EF372))  # [N]
+    row_key = row_keys(seeds, positions)  # [N]
     vocab_key = _mix32(torch.arange(vocab_size, dtype=torch.int64, device=seeds.device) ^ 0x1B873593)
     bits = _mix32(row_key[:, None] ^ vocab_key[None, :])  # [N, V] in [0, 2^32)
     return bits_to_uniforms(bits)
+
+
+def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[N] int64 in [0, 2^32): the row's half of the noise hash, of its seed and position."""
+    seed_lo, seed_hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    return _mix32(seed_lo ^ _mix32(seed_hi ^ _mix32(positions & _MASK32) ^ 0x3C6EF372))
 
 
 # The largest float32 below 1. (2^24 - 1 + 0.5) / 2^24 rounds to exactly 1.0 in float32, and a u of 1
