@@ -93,6 +93,7 @@ class ModelRunner:
         self.num_kv_heads: int = model_cfg.num_local_kv_heads  # this rank's (all of them at TP=1)
         self.head_dim: int = model_cfg.head_dim
         self.sampler = Sampler()
+        self._deferred: StepHandle | None = None  # a step launched ahead whose sampling waits (grammars)
         # The last token sampled for each block-table row, on the device: a step launched before the
         # previous step's tokens reach the host (async scheduling) takes its inputs from here.
         self.token_buffer = torch.zeros(config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
@@ -289,19 +290,44 @@ class ModelRunner:
             [s.sampling_params for s in sampled], [s.seed for s in sampled],
             [s.num_tokens for s in sampled],
             [s.token_ids for s in sampled], [s.num_prompt_tokens for s in sampled], self.vocab_size, self.device)
-        self._add_token_bitmask(sampled, metadata)
         logits = self.model.compute_logits(rows)  # [N, vocab] in the model's dtype
-        if not takes_model_dtype(metadata, self.device):
+        has_grammar = any(s.grammar is not None for s in sampled)
+        if has_grammar or not takes_model_dtype(metadata, self.device):
             # Plain greedy (and the fused sampling kernel, which upcasts in registers) reads the model's
             # own logits: the fp32 upcast is exact, so it would pick the same token, after a [N, vocab]
             # copy (~0.2 ms a step at 256 x 151,936).
             logits = logits.float()
         assert metadata.output_token_ids is None or not any(s.num_pending for s in sampled), \
             "penalties read the output tokens on the host: schedule such a step with nothing in flight"
+        if has_grammar and any(s.grammar is not None and s.num_pending for s in sampled):
+            # Launched ahead (async scheduling): a grammar's bitmask needs the token still in flight.
+            # The forward and the logits are queued now; the sampler follows once the step before this
+            # one reaches the host (wait()), while the GPU runs this step's forward.
+            assert self.tp.size == 1 and self._deferred is None, "one deferred step, on one GPU"
+            for state in sampled:
+                state.num_pending += 1
+            handle = StepHandle(sampled, deferred=(logits, metadata, sampled_rows))
+            self._deferred = handle
+            return handle
+        self._add_token_bitmask(sampled, metadata)
+        return self._sample(sampled, sampled_rows, logits, metadata)
+
+    def _sample(self, sampled: list[CachedRequestState], sampled_rows: torch.Tensor, logits: torch.Tensor,
+                metadata: SamplingMetadata, handle: StepHandle | None = None) -> StepHandle:
         token_ids, logprobs = self.sampler(logits, metadata)
         if self.tp.size > 1:
             broadcast_from_driver(token_ids)
-        return self._record_sampled(sampled, sampled_rows, token_ids, logprobs)
+        return self._record_sampled(sampled, sampled_rows, token_ids, logprobs, handle)
+
+    @torch.inference_mode()  # it runs from wait(): the logits are inference tensors
+    def _finish_deferred(self) -> None:
+        """Sample the step launched ahead, now that every grammar has its previous token."""
+        handle, self._deferred = self._deferred, None
+        assert handle is not None and handle.deferred is not None
+        logits, metadata, sampled_rows = handle.deferred
+        handle.deferred = None
+        self._add_token_bitmask(handle.sampled, metadata, own_pending=1)
+        self._sample(handle.sampled, sampled_rows, logits, metadata, handle)
 
     def _take_driver_tokens(self, sampled: list[CachedRequestState], sampled_rows: torch.Tensor,
                             rows: torch.Tensor) -> StepHandle:
@@ -311,23 +337,31 @@ class ModelRunner:
         return self._record_sampled(sampled, sampled_rows, broadcast_from_driver(token_ids), None)
 
     def _record_sampled(self, sampled: list[CachedRequestState], sampled_rows: torch.Tensor,
-                        token_ids: torch.Tensor, logprobs: SampleLogprobs | None) -> StepHandle:
+                        token_ids: torch.Tensor, logprobs: SampleLogprobs | None,
+                        handle: StepHandle | None = None) -> StepHandle:
         """The sampled tokens into token_buffer (the next step launched may read them there) and on
-        their way to the host."""
+        their way to the host; into `handle` when it is a deferred step's (its tokens were already
+        counted pending at launch)."""
         self.token_buffer.index_copy_(0, sampled_rows, token_ids)
-        for state in sampled:
-            state.num_pending += 1
+        if handle is None:
+            for state in sampled:
+                state.num_pending += 1
+            handle = StepHandle(sampled)
+        handle.logprobs = logprobs
         if self.device.type == "cuda":
-            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
-            host.copy_(token_ids, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return StepHandle(sampled, host, event, logprobs)
-        return StepHandle(sampled, token_ids, None, logprobs)
+            handle.token_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            handle.token_ids.copy_(token_ids, non_blocking=True)
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        else:
+            handle.token_ids = token_ids
+        return handle
 
     def wait(self, handle: StepHandle) -> ModelRunnerOutput:
         """Block until a launched step's tokens are on the host (the step's one sync) and record them."""
         output = ModelRunnerOutput()
+        if handle.deferred is not None:  # nothing else in flight: its grammars are up to date
+            self._finish_deferred()
         if handle.token_ids is None:
             return output
         if handle.event is not None:
@@ -341,16 +375,22 @@ class ModelRunner:
                 state.grammar.accept(token_id)
         if handle.logprobs is not None:
             output.logprobs = _logprobs_to_dicts(handle.sampled, token_id_list, handle.logprobs)
+        if self._deferred is not None:
+            # The step launched after this one waits for these tokens' grammar updates: sample it now,
+            # while the GPU runs its forward.
+            self._finish_deferred()
         return output
 
-    def _add_token_bitmask(self, sampled: list[CachedRequestState], metadata: SamplingMetadata) -> None:
+    def _add_token_bitmask(self, sampled: list[CachedRequestState], metadata: SamplingMetadata,
+                           own_pending: int = 0) -> None:
         """Fill the grammar bitmask of the step's constrained rows (on the host, from each matcher) and
-        send it with the step; unconstrained rows of the batch are left alone."""
+        send it with the step; unconstrained rows of the batch are left alone. own_pending: tokens of
+        this very step already counted pending (a deferred step's)."""
         rows = [i for i, s in enumerate(sampled) if s.grammar is not None]
         if not rows:
             return
-        assert not any(sampled[i].num_pending for i in rows), \
-            "a grammar's bitmask follows the tokens on the host: schedule such a step with nothing in flight"
+        assert all(sampled[i].num_pending == own_pending for i in rows), \
+            "a grammar's bitmask follows the tokens on the host: an earlier step's token is still in flight"
         assert self.structured_output is not None
         bitmask = self.structured_output.fill_bitmask([g for i in rows if (g := sampled[i].grammar) is not None],
                                                       pin_memory=self.device.type == "cuda")
@@ -435,6 +475,9 @@ class StepHandle:
     token_ids: torch.Tensor | None = None  # [N] int64: pinned host memory on CUDA, filled by the copy
     event: torch.cuda.Event | None = None  # recorded after that copy
     logprobs: SampleLogprobs | None = None
+    # Launched ahead with a grammar row: (logits, sampling metadata, token_buffer rows), sampled once
+    # the step before it is read (ModelRunner._finish_deferred).
+    deferred: tuple[torch.Tensor, SamplingMetadata, torch.Tensor] | None = None
 
 
 @dataclass

@@ -96,12 +96,6 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
 
-    @property
-    def needs_host_tokens(self) -> bool:
-        """Sampling this request's next token reads its previous tokens on the host (penalties count
-        them, a grammar's matcher advances by them), so it cannot be scheduled ahead (async)."""
-        return self.has_penalties or self.structured_output is not None
-
 
 def _check(ok: bool, message: str) -> None:
     if not ok:

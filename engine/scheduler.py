@@ -302,8 +302,9 @@ class Scheduler:
         Not when a waiting request could be admitted (admission, like preemption, happens in a
         schedule() with nothing in flight, so a request never joins or leaves the batch under a step
         that still carries its old state), nor after schedule_ahead() ran out of blocks, nor when a
-        running request uses penalties or a grammar (the sampler would need the in-flight token on
-        the host: penalties count it, the grammar's bitmask depends on it)."""
+        running request uses penalties (the sampler would count the in-flight token on the host). A
+        grammar's bitmask depends on that token too, but the runner samples such a step once the token
+        arrives (its forward already running): that needs the one-GPU runner."""
         if self._ahead_blocked:
             return False
         head = self.waiting.peek()
@@ -312,7 +313,10 @@ class Scheduler:
         if (head is not None and len(self.running) < self.config.max_num_seqs and self._admission_allowed()
                 and self.kv_cache_manager.num_free_blocks * self.block_size > head.num_tokens):
             return False  # (a head that cannot get its blocks waits either way: no reason to stop)
-        return not any(request.sampling_params.needs_host_tokens for request in self.running)
+        grammar_ahead = self.config.tensor_parallel_size == 1
+        return not any(request.sampling_params.has_penalties
+                       or (request.sampling_params.structured_output is not None and not grammar_ahead)
+                       for request in self.running)
 
     def _allocate(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> list[int] | None:
         """New blocks for num_new_tokens after num_computed_tokens (computed or in flight); None when the

@@ -208,21 +208,42 @@ def test_the_grammar_follows_every_token_whatever_the_schedule(
         assert other.scheduler.num_preemptions > preemptions  # else preemption was not exercised
 
 
-def test_async_scheduling_goes_synchronous_only_while_a_grammar_runs(tiny_model_dir: Path) -> None:
-    engine = _engine(tiny_model_dir, async_scheduling=True)
-    ahead = [0]
-    original = engine.scheduler.schedule_ahead
+def test_async_scheduling_runs_ahead_of_a_grammar_and_samples_once_its_token_arrives(tiny_model_dir: Path,
+                                                                                    engine: LLMEngine) -> None:
+    # The step launched ahead queues its forward at once; its sampling (the bitmask needs the token in
+    # flight) waits for the step before it: same tokens as one step at a time.
+    other = _engine(tiny_model_dir, async_scheduling=True)
+    ahead, deferred = [0], [0]
+    schedule_ahead, finish = other.scheduler.schedule_ahead, other.model_runner._finish_deferred
 
-    def counting() -> object:
-        output = original()
+    def counting_ahead() -> object:
+        output = schedule_ahead()
         ahead[0] += output is not None
         return output
 
-    engine.scheduler.schedule_ahead = counting  # type: ignore[method-assign]
-    engine.generate(PROMPTS[:2], [SamplingParams(max_tokens=12, temperature=0.0, structured_output=JSON_SCHEMA)] * 2)
-    assert ahead[0] == 0
-    engine.generate(PROMPTS[:2], SamplingParams(max_tokens=10, temperature=0.0))
-    assert ahead[0] > 0
+    def counting_finish() -> None:
+        deferred[0] += 1
+        finish()
+
+    other.scheduler.schedule_ahead = counting_ahead  # type: ignore[method-assign]
+    other.model_runner._finish_deferred = counting_finish  # type: ignore[method-assign]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, structured_output=JSON_SCHEMA),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=3, structured_output=JSON_SCHEMA)]
+    assert _outputs(other, params) == _outputs(engine, params)
+    assert ahead[0] > 5 and deferred[0] == ahead[0]
+
+
+def test_a_grammar_keeps_tensor_parallel_steps_synchronous(tiny_model_dir: Path) -> None:
+    # Several ranks sample in lockstep with the driver: no deferred sampling there, so no step ahead.
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+
+    config = EngineConfig(model=str(tiny_model_dir), async_scheduling=True, tensor_parallel_size=2)
+    for grammar, can in ((JSON_SCHEMA, False), (None, True)):
+        scheduler = Scheduler(config, num_kv_blocks=64, max_model_len=256)
+        scheduler.add_request(Request("r", [1, 2, 3], SamplingParams(max_tokens=4, structured_output=grammar)))
+        scheduler.schedule()
+        assert scheduler.can_schedule_ahead() is can
 
 
 def test_a_resumed_request_continues_its_grammar(engine: LLMEngine) -> None:
