@@ -272,3 +272,35 @@ def test_on_the_gpu_with_cuda_graphs(tiny_model_dir: Path) -> None:
     for i, p in enumerate(params):
         if p.structured_output is None:
             assert gpu.generate([PROMPTS[i]], p)[0].token_ids == outputs[i][0]
+
+
+def test_a_deferred_step_keeps_logprobs_and_survives_an_abort(tiny_model_dir: Path, engine: LLMEngine) -> None:
+    # Logprobs come out of the deferred sampling as they come out of one step at a time; a constrained
+    # request aborted while a step launched ahead is in flight ends there and the others go on unchanged.
+    params = [SamplingParams(max_tokens=10, temperature=0.0, logprobs=2, structured_output=JSON_SCHEMA),
+              SamplingParams(max_tokens=10, temperature=0.7, seed=9, logprobs=1)]
+    other = _engine(tiny_model_dir, async_scheduling=True)
+
+    def rounded(outs: list) -> list:
+        return [(o.token_ids, [{k: round(v, 4) for k, v in d.items()} for d in o.logprobs or []]) for o in outs]
+
+    assert rounded(other.generate(PROMPTS[:2], params)) == rounded(engine.generate(PROMPTS[:2], params))
+    expected = engine.generate([PROMPTS[3]], params[1])[0].token_ids
+    other.add_request("doomed", PROMPTS[2], params=SamplingParams(max_tokens=40, structured_output=JSON_SCHEMA))
+    other.add_request("free", PROMPTS[3], params=params[1])
+    finished: dict[str, tuple[str | None, list[int]]] = {}
+    tokens: dict[str, list[int]] = {"doomed": [], "free": []}
+    steps = 0
+    while other.has_unfinished():
+        for out in other.step():
+            tokens[out.request_id] += out.token_ids
+            if out.finished:
+                finished[out.request_id] = (out.finish_reason, tokens[out.request_id])
+        steps += 1
+        # Between steps no sampling is left waiting: the step in flight was sampled when its
+        # predecessor was read.
+        assert other.model_runner._deferred is None
+        if steps == 3:
+            other.abort("doomed")
+    assert finished["doomed"][0] == "abort"
+    assert finished["free"][1] == expected
