@@ -30,7 +30,9 @@ def _mul32(x, constant: tl.constexpr):
 
 @triton.jit
 def _mix32(x):
-    """murmur3's 32-bit finaliser on int64 lanes holding values in [0, 2^32)."""
+    """murmur3's 32-bit finaliser on int64 lanes holding values in [0, 2^32): engine/sampler.py's _mix32
+    line for line (a jit function cannot call torch code); tests/kernels/test_sampling.py holds the two
+    to the same draws."""
     x = x & _MASK32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x85EBCA6B)
