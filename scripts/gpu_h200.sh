@@ -4,7 +4,8 @@
 # Llama-3.2-1B shape; JSON and logs under $OUT, a short table last (bench/summarize.py).
 #
 #   bash scripts/gpu_h200.sh                       # everything, within BUDGET_S seconds (default 540)
-#   STEPS="bench heavy" bash scripts/gpu_h200.sh   # a subset of: check bench heavy quality kernels startup llama
+#   STEPS="bench heavy" bash scripts/gpu_h200.sh   # a subset of: check bench heavy sampled constrained
+#                                                  #   timeline quality kernels startup llama
 #
 # Carry [".whl", ".debs"] (built as scripts/gpu_serving.sh says) to time start-up through `python -m
 # worker` with a Redis; without them bench/startup.py times the bare engine. Each step gets what is
@@ -14,7 +15,7 @@ out=${OUT:-bench/out}
 mkdir -p "$out"
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-540}
-STEPS=${STEPS:-"check bench heavy quality kernels startup llama"}
+STEPS=${STEPS:-"check bench heavy sampled constrained timeline quality kernels startup llama"}
 start=$(date +%s)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
@@ -46,7 +47,7 @@ step() {
 bench_args="--baselines 0 --repeats 3"
 # 1. The new kernel paths on the GPU (fp8 with bf16/fp16 queries, causal split, split cap) vs the reference.
 step check 45 $PY -m pytest tests/kernels -q -x -n 8 --confcutdir=tests/kernels -p no:cacheprovider \
-  -k "fp8 or causal_split or balanced or (gpu_prefill_sweep and bf16)"
+  -k "fp8 or causal_split or balanced or (gpu_prefill_sweep and bf16) or split_between or sampl or rope_kv"
 # 2. Benchmark workload: auto, A/B switch A (split-K balancing), fp8; the workload JSON for vLLM.
 step bench 130 $PY -m bench.throughput --workload benchmark $bench_args \
   --configs auto,auto:split=512,fp8 --json "$out/throughput-qwen3-benchmark.json" \
@@ -55,6 +56,15 @@ step bench 130 $PY -m bench.throughput --workload benchmark $bench_args \
 step heavy 105 $PY -m bench.throughput --workload prefill-heavy $bench_args \
   --configs auto,auto:causal=0,fp8 --json "$out/throughput-qwen3-prefill-heavy.json" \
   --write-workload-json "$out/workload-prefill-heavy.json"
+# 3b. The predictions of BENCHMARKS.md "Landed after the GPU runs": temperature sampling through the fused
+#     kernel, constrained requests launched ahead, and the per-step floors of a whole run.
+step sampled 60 $PY -m bench.throughput --workload benchmark --baselines 0 --temperature 1.0 \
+  --json "$out/throughput-qwen3-temperature1.json"
+step constrained-10 60 $PY -m bench.throughput --workload benchmark --baselines 0 --constrained-fraction 0.1 \
+  --json "$out/throughput-qwen3-constrained10.json"
+step constrained-100 60 $PY -m bench.throughput --workload benchmark --baselines 0 --constrained-fraction 1 \
+  --json "$out/throughput-qwen3-constrained100.json"
+step timeline 50 $PY -m bench.timeline --workload benchmark
 # 4. fp8 quality on the benchmark shape (64 of the workload's prompts, 64 greedy tokens each), and on a
 #    trained model (the synthetic language: peaked distributions like a real checkpoint's).
 step quality-shape 40 $PY -m bench.kv_quality --json "$out/kv-quality-qwen3-0.6b.json"
