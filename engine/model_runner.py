@@ -292,7 +292,7 @@ class ModelRunner:
             [s.token_ids for s in sampled], [s.num_prompt_tokens for s in sampled], self.vocab_size, self.device)
         logits = self.model.compute_logits(rows)  # [N, vocab] in the model's dtype
         has_grammar = any(s.grammar is not None for s in sampled)
-        if has_grammar or not takes_model_dtype(metadata, self.device):
+        if not takes_model_dtype(metadata, self.device, constrained=has_grammar):
             # Plain greedy (and the fused sampling kernel, which upcasts in registers) reads the model's
             # own logits: the fp32 upcast is exact, so it would pick the same token, after a [N, vocab]
             # copy (~0.2 ms a step at 256 x 151,936).

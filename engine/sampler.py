@@ -126,7 +126,9 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> tuple[torch.Tens
     if md.is_all_greedy:
         token_ids = logits.argmax(dim=-1)
     elif (fused := _fused_gumbel_argmax(logits.device.type)) is not None and not _needs_sort_or_softmax(md):
-        # One pass over the logits instead of ~15 int64 passes for the noise: the same tokens.
+        # One pass over the logits instead of ~15 int64 passes for the noise: the same tokens. The kernel
+        # is looked up first on purpose: the model runner's profile run samples at start-up, so the
+        # kernel's compile and check happen there, not under a request.
         token_ids = fused(logits, md.temperature, row_keys(md.seeds, md.positions))
     else:
         token_ids = _sample_random(logits, md)
@@ -135,11 +137,12 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> tuple[torch.Tens
     return token_ids, _logprobs(logprobs_src, token_ids, md.max_num_logprobs)
 
 
-def takes_model_dtype(md: SamplingMetadata, device: torch.device) -> bool:
+def takes_model_dtype(md: SamplingMetadata, device: torch.device, constrained: bool) -> bool:
     """Whether sample() may be given the logits in the model's dtype (no fp32 upcast first): an
     all-greedy batch, or one the fused kernel samples, when nothing else reads them (logprobs,
-    penalties, a grammar's mask)."""
-    if md.max_num_logprobs is not None or md.repetition_penalty is not None or md.token_bitmask is not None:
+    penalties, a grammar's mask). constrained: a row has a grammar (its bitmask may be attached to md
+    only later, when a step launched ahead is sampled)."""
+    if md.max_num_logprobs is not None or md.repetition_penalty is not None or constrained:
         return False
     return md.is_all_greedy or (_fused_gumbel_argmax(device.type) is not None and not _needs_sort_or_softmax(md))
 

@@ -308,7 +308,7 @@ class Scheduler:
         if self._ahead_blocked:
             return False
         head = self.waiting.peek()
-        if head is not None and self._outranked(head) is not None and self._admission_allowed():
+        if head is not None and self._admission_allowed() and self._outranked(head) is not None:
             return False  # it takes a lower lane's seat: a preemption, which needs schedule()
         if (head is not None and len(self.running) < self.config.max_num_seqs and self._admission_allowed()
                 and self.kv_cache_manager.num_free_blocks * self.block_size > head.num_tokens):

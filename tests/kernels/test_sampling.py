@@ -70,7 +70,8 @@ def test_sample_routes_temperature_batches_to_the_kernel(device: torch.device,
     plain = _metadata([0.9, 0.0, 1.1, 1.0, 0.5, 0.0], vocab, device)
     expected, _ = sample(logits.float(), plain)  # torch ops: no kernel for this device type until patched
     monkeypatch.setattr(engine.sampler, "_fused_gumbel_argmax", lambda device_type: counting)
-    assert engine.sampler.takes_model_dtype(plain, device)
+    assert engine.sampler.takes_model_dtype(plain, device, constrained=False)
+    assert not engine.sampler.takes_model_dtype(plain, device, constrained=True)  # a grammar's mask reads fp32
     got, _ = sample(logits, plain)  # the kernel, on the logits in the model's dtype
     assert len(calls) == 1
     assert got.tolist() == expected.tolist()
@@ -79,7 +80,7 @@ def test_sample_routes_temperature_batches_to_the_kernel(device: torch.device,
     nucleus = SamplingMetadata.from_params(params, [1, 2], [5, 5], [[1]] * 2, [1] * 2, vocab, device)
     calls.clear()
     sample(logits[:2], nucleus)
-    assert not calls and not engine.sampler.takes_model_dtype(nucleus, device)
+    assert not calls and not engine.sampler.takes_model_dtype(nucleus, device, constrained=False)
 
 
 def test_the_start_up_check_accepts_the_kernel_and_refuses_a_wrong_one(device: torch.device) -> None:
