@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine.attention
 import engine.models.layers
 import engine.models.llama
 from engine.attention import AttentionMetadata
@@ -92,8 +93,21 @@ def test_fused_model_matches_torch_path(arch: str, cache_dtype: torch.dtype, tmp
     assert all(layer.self_attn.rotary_emb is rotary for layer in fused_layers), "one shared table"
     assert not plain.model.norm.is_fused and not _layers(plain)[0].self_attn.rotary_emb.is_fused
     prompt = [5, 17, 3, 99, 42, 7, 8, 120, 64, 1, 2, 33, 71, 90, 11, 12, 13, 14]  # crosses a block
+    # The attention layer's own cache write runs on the torch path only: the fused path's cache comes
+    # from the RoPE kernel.
+    write_kv, paged = engine.attention.get_attention_ops(device.type)
+    writes: list[int] = []
+
+    def counting_write(*args: object, **kwargs: object) -> None:
+        writes.append(1)
+        write_kv(*args, **kwargs)
+
+    monkeypatch.setattr(engine.attention, "get_attention_ops", lambda device_type: (counting_write, paged))
     expected = _prefill_then_decode(plain, prompt, next_id=23, cache_dtype=cache_dtype, device=device)
+    assert writes, "the torch path writes through the attention layer"
+    writes.clear()
     got = _prefill_then_decode(fused, prompt, next_id=23, cache_dtype=cache_dtype, device=device)
+    assert not writes, "the fused path wrote the cache from its RoPE kernel, not from the attention layer"
     for want, have in zip(_caches(plain), _caches(fused), strict=True):
         assert have.abs().sum() > 0, "the fused path wrote the cache"
         diff = (have - want).abs()

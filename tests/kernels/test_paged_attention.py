@@ -4,6 +4,7 @@ fp8 caches with per-token scales."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -197,8 +198,8 @@ def test_prefill_mixed_batch_matches_reference(device: torch.device, block_size:
 
 
 @pytest.mark.parametrize("kv_dtype", [None, FP8_DTYPE])
-def test_mixed_batch_split_between_decode_and_prefill_kernels(device: torch.device, kv_dtype: torch.dtype | None
-                                                              ) -> None:
+def test_mixed_batch_split_between_decode_and_prefill_kernels(device: torch.device, kv_dtype: torch.dtype | None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # Decodes first (as the scheduler orders a mixed batch), then an extend chunk, a fresh prompt and an
     # idle row: the first three rows go to the decode kernel (split into partitions of 16 tokens), the
     # rest to the prefill kernel, both writing into one output.
@@ -206,8 +207,19 @@ def test_mixed_batch_split_between_decode_and_prefill_kernels(device: torch.devi
     batch = make_batch(device, seq_lens, query_lens, 2, 2, 32, 8, torch.float32, seed=21, kv_dtype=kv_dtype)
     ref = reference(batch)
     whole = run_kernel(batch)
+    # The module, not the function kernels re-exports under the same name.
+    dispatch = sys.modules["kernels.paged_attention"]
+    decoded: list[int] = []  # sequences per decode-kernel launch
+
+    def counting_decode(**kwargs: object) -> torch.Tensor:
+        decoded.append(kwargs["seq_lens"].shape[0])  # type: ignore[attr-defined]
+        return decode_attention(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dispatch, "decode_attention", counting_decode)
     for num_decodes in (1, 3):
+        decoded.clear()
         split = run_kernel(batch, num_decodes=num_decodes)
+        assert decoded == [num_decodes], "the leading decode rows went to the decode kernel"
         assert_close(split, ref, torch.float32)
         # The same numbers as one prefill launch, up to the kernels' summation order.
         assert torch.allclose(split.float().cpu(), whole.float().cpu(), atol=1e-4, rtol=1e-4)
